@@ -142,7 +142,8 @@ def build_layout(input_ids, labels, instructs, *, num_image_tokens: int, query_l
         "token_ids": np.full((B, S), pad_id, np.int32),
         "labels": np.full((B, S), IGNORE_INDEX, np.int32),
         "attention_mask": np.zeros((B, S), bool),
-        "position_ids": np.zeros((B, S), np.int32),
+        # padded rows keep running positions: the reference passes position_ids=None
+        "position_ids": np.broadcast_to(np.arange(S, dtype=np.int32), (B, S)).copy(),
         "image_pos": np.full((B, num_image_tokens), -1, np.int32),
         "latent_pos": np.full((B, max_questions * query_len), -1, np.int32),
         "instruct_pos": np.full((B, max_questions), -1, np.int32),
@@ -154,7 +155,6 @@ def build_layout(input_ids, labels, instructs, *, num_image_tokens: int, query_l
         out["token_ids"][b, :n] = np.where(l.token_ids < 0, pad_id, l.token_ids)
         out["labels"][b, :n] = l.labels
         out["attention_mask"][b, :n] = True
-        out["position_ids"][b, :n] = np.arange(n)
         out["image_pos"][b, :l.image_pos.shape[0]] = l.image_pos
         out["latent_pos"][b, :l.latent_pos.shape[0]] = l.latent_pos
         out["instruct_pos"][b, :l.instruct_pos.shape[0]] = l.instruct_pos

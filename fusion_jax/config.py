@@ -1,0 +1,269 @@
+"""One config for every FUSION variant: towers, LLM families, sizes and switches.
+
+Everything the reference hard-codes (729 vision tokens, the 13-layer split, the
+3*D_vis connector width) is derived here from the tower's depth and patch grid.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+LLM_FAMILIES = ("phi3", "llama", "qwen2")
+MODEL_TYPES = {"fusion_phi": "phi3", "fusion_llama": "llama", "fusion_qwen": "qwen2"}
+EARLY_MASK_MODES = ("reference", "intended")
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """SigLIP tower as stored in the checkpoint (num_hidden_layers before the reference drops one)."""
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_attention_heads: int = 16
+    num_hidden_layers: int = 27
+    image_size: int = 384
+    patch_size: int = 14
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-6
+    hidden_act: str = "gelu_pytorch_tanh"
+
+    @property
+    def num_layers(self) -> int:
+        """Layers actually run: the reference deletes the last encoder layer."""
+        return self.num_hidden_layers - 1
+
+    @property
+    def split(self) -> int:
+        """Early/late boundary and connector group size (13 for so400m, 19 for siglip2-giant)."""
+        return self.num_layers // 2
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid ** 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+KNOWN_TOWERS = {
+    "siglip-so400m-patch14-384": VisionConfig(),
+    "siglip2-giant-opt-patch16-384": VisionConfig(
+        hidden_size=1536, intermediate_size=6144, num_attention_heads=16, num_hidden_layers=40,
+        image_size=384, patch_size=16),
+}
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    family: str = "phi3"
+    vocab_size: int = 32064
+    hidden_size: int = 3072
+    intermediate_size: int = 8192
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Any = None            # dict as in HF config.json (frozen as a tuple of items)
+    partial_rotary_factor: float = 1.0
+    max_position_embeddings: int = 131072
+    original_max_position_embeddings: int | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False        # qwen2: bias on q/k/v
+    hidden_act: str = "silu"
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 1
+    eos_token_id: Any = 2
+
+    def __post_init__(self):
+        if self.family not in LLM_FAMILIES:
+            raise ValueError(f"llm.family={self.family!r}: expected one of {LLM_FAMILIES}")
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", _freeze(self.rope_scaling))
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def rope(self) -> dict | None:
+        return None if self.rope_scaling is None else _thaw(self.rope_scaling)
+
+
+def _freeze(d):
+    return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(d.items()))
+
+
+def _thaw(t):
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in t}
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    mm_projector_type: str = "mlp2x_gelu"
+    num_sampler_layers: int = 10
+    sampler_start: int = 0
+    sampler_stride: int = 3
+    sampler_heads: int = 16
+    window_size: int = 3
+    query_len: tuple[int, ...] = (4, 16, 36, 64, 144)
+    dsm_weight: float = 0.1
+    early_mask_mode: str = "reference"
+    use_tune: bool = True
+    use_card: bool = True
+    use_dsm: bool = True
+    image_token_grid: int | None = None      # FUSION-L: resize image tokens to this grid (12)
+    max_length: int | None = 4096            # tokenizer_model_max_length
+    mm_vision_tower: str = "google/siglip-so400m-patch14-384"
+    # numerics / performance
+    compute_dtype: str = "float32"           # "bfloat16" for training
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat_policy: str = "none"               # none | full | dots | dots_no_batch
+
+    def __post_init__(self):
+        if self.early_mask_mode not in EARLY_MASK_MODES:
+            raise ValueError(f"early_mask_mode={self.early_mask_mode!r}: expected {EARLY_MASK_MODES}")
+        if isinstance(self.query_len, (int, str)):
+            object.__setattr__(self, "query_len", parse_query_len(self.query_len))
+        for q in self.query_len:
+            if math.isqrt(q) ** 2 != q:
+                raise ValueError(f"query_len {q} is not a perfect square")
+        self.projector_depth  # validates the type
+        if self.llm.hidden_size % self.sampler_heads:
+            raise ValueError(f"llm.hidden_size {self.llm.hidden_size} not divisible by "
+                             f"sampler_heads {self.sampler_heads}")
+
+    @property
+    def projector_depth(self) -> int:
+        m = re.fullmatch(r"mlp(\d+)x_gelu", self.mm_projector_type)
+        if self.mm_projector_type == "linear":
+            return 1
+        if not m:
+            raise ValueError(f"mm_projector_type={self.mm_projector_type!r}: expected 'linear' or 'mlp{{N}}x_gelu'")
+        return int(m.group(1))
+
+    @property
+    def sampler_after(self) -> tuple[int, ...]:
+        """Decoder layers followed by an interaction layer (the reference's list, deduplicated)."""
+        if not self.use_card:
+            return ()
+        idx = [self.sampler_start + k * self.sampler_stride for k in range(self.num_sampler_layers)]
+        seen, out = set(), []
+        for i in idx:
+            if i < self.llm.num_hidden_layers and i not in seen:
+                seen.add(i)
+                out.append(i)
+        return tuple(out)
+
+    @property
+    def num_image_tokens(self) -> int:
+        g = self.image_token_grid or self.vision.grid
+        return g * g
+
+    def replace(self, **kw) -> "FusionConfig":
+        return dataclasses.replace(self, **kw)
+
+    # ----------------------------------------------------------------- serialisation
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["llm"]["rope_scaling"] = self.llm.rope
+        d["query_len"] = list(self.query_len)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FusionConfig":
+        d = dict(d)
+        llm = LLMConfig(**d.pop("llm"))
+        vision = VisionConfig(**d.pop("vision"))
+        if "query_len" in d:
+            d["query_len"] = tuple(d["query_len"])
+        return cls(llm=llm, vision=vision, **d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def parse_query_len(q) -> tuple[int, ...]:
+    if isinstance(q, int):
+        return (q,)
+    if isinstance(q, str):
+        return tuple(int(x) for x in q.split(",") if x.strip())
+    return tuple(int(x) for x in q)
+
+
+def vision_config_from_hf(d: dict) -> VisionConfig:
+    if d.get("model_type") == "siglip" and "vision_config" in d:
+        d = d["vision_config"]
+    names = {f.name for f in dataclasses.fields(VisionConfig)}
+    return VisionConfig(**{k: d[k] for k in names if k in d})
+
+
+def tower_from_name(name: str) -> VisionConfig:
+    for key, cfg in KNOWN_TOWERS.items():
+        if key in name:
+            return cfg
+    raise ValueError(f"unknown vision tower {name!r}: add vision_config.json beside config.json "
+                     f"(known: {sorted(KNOWN_TOWERS)})")
+
+
+def llm_config_from_hf(d: dict, family: str) -> LLMConfig:
+    rope = d.get("rope_scaling")
+    if family == "llama" and rope is None and isinstance(d.get("rope_parameters"), dict):
+        rp = d["rope_parameters"]
+        rope = rp if rp.get("rope_type", "default") != "default" else None
+    kw = dict(
+        family=family,
+        vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+        intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
+        num_attention_heads=d["num_attention_heads"],
+        num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+        head_dim=d.get("head_dim"), rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+        rope_theta=d.get("rope_theta", 10000.0), rope_scaling=rope,
+        partial_rotary_factor=d.get("partial_rotary_factor", 1.0),
+        max_position_embeddings=d.get("max_position_embeddings", 4096),
+        original_max_position_embeddings=d.get("original_max_position_embeddings"),
+        tie_word_embeddings=d.get("tie_word_embeddings", False),
+        attention_bias=d.get("attention_bias", family == "qwen2"),
+        hidden_act=d.get("hidden_act", "silu"),
+        pad_token_id=d.get("pad_token_id"), bos_token_id=d.get("bos_token_id"),
+        eos_token_id=d.get("eos_token_id"),
+    )
+    if family == "qwen2":
+        kw["attention_bias"] = True
+    return LLMConfig(**kw)
+
+
+def from_hf_config(d: dict, vision: VisionConfig | None = None) -> FusionConfig:
+    """FusionConfig from a reference `config.json` (model_type fusion_phi/llama/qwen)."""
+    mt = d.get("model_type")
+    if mt not in MODEL_TYPES:
+        raise ValueError(f"config.json model_type={mt!r}: expected one of {sorted(MODEL_TYPES)}")
+    llm = llm_config_from_hf(d, MODEL_TYPES[mt])
+    tower = d.get("mm_vision_tower", "")
+    if vision is None:
+        vision = tower_from_name(tower)
+    return FusionConfig(
+        llm=llm, vision=vision,
+        mm_projector_type=d.get("mm_projector_type", "mlp2x_gelu"),
+        num_sampler_layers=d.get("num_of_vision_sampler_layers", 10),
+        sampler_start=d.get("start_of_vision_sampler_layers", 0),
+        sampler_stride=d.get("stride_of_vision_sampler_layers", 3),
+        window_size=d.get("window_size", 3),
+        query_len=parse_query_len(d.get("query_len", "4,16,36,64,144")),
+        max_length=d.get("tokenizer_model_max_length"),
+        mm_vision_tower=tower,
+    )

@@ -1,0 +1,148 @@
+"""Read reference PyTorch/HF FUSION folders into our model (safetensors only, never pickle).
+
+A folder holds `config.json` (model_type fusion_phi / fusion_llama / fusion_qwen),
+optionally `vision_config.json`, and `model.safetensors` or shards listed in
+`model.safetensors.index.json`. Tensors are read one at a time.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fusion_jax.config import FusionConfig, from_hf_config, vision_config_from_hf
+from fusion_jax.param_map import Row, hf_shape, param_table, to_ours
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def read_config(folder: str, **overrides) -> FusionConfig:
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{folder}: no config.json")
+    with open(path) as f:
+        d = json.load(f)
+    vpath = os.path.join(folder, "vision_config.json")
+    vision = None
+    if os.path.exists(vpath):
+        with open(vpath) as f:
+            vision = vision_config_from_hf(json.load(f))
+    try:
+        cfg = from_hf_config(d, vision)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+class TensorReader:
+    """Lazy name -> np.ndarray over one or many safetensors files."""
+
+    def __init__(self, folder: str):
+        from safetensors import safe_open
+        self.folder = folder
+        idx = os.path.join(folder, "model.safetensors.index.json")
+        single = os.path.join(folder, "model.safetensors")
+        if os.path.exists(idx):
+            with open(idx) as f:
+                wm = json.load(f)["weight_map"]
+            files = sorted(set(wm.values()))
+        elif os.path.exists(single):
+            files = ["model.safetensors"]
+        else:
+            cands = sorted(x for x in os.listdir(folder) if x.endswith(".safetensors"))
+            if not cands:
+                raise CheckpointError(f"{folder}: no model.safetensors, index, or *.safetensors file")
+            files = cands
+        self._handles, self.where = {}, {}
+        for fn in files:
+            p = os.path.join(folder, fn)
+            if not os.path.exists(p):
+                raise CheckpointError(f"{folder}: shard {fn} listed in the index is missing")
+            h = safe_open(p, framework="numpy")
+            self._handles[fn] = h
+            for k in h.keys():
+                self.where[k] = fn
+
+    def keys(self):
+        return self.where.keys()
+
+    def shape(self, name):
+        return tuple(self._handles[self.where[name]].get_slice(name).get_shape())
+
+    def get(self, name) -> np.ndarray:
+        h = self._handles[self.where[name]]
+        try:
+            return h.get_tensor(name)
+        except (TypeError, ValueError):  # bf16 etc.: numpy lacks the dtype, go through jax
+            from safetensors import safe_open
+            with safe_open(os.path.join(self.folder, self.where[name]), framework="flax") as f:
+                return np.asarray(f.get_tensor(name))
+
+
+def check_names(rows: Iterable[Row], available: Iterable[str], shape_of: Callable, per_layer_shape):
+    """Collect every missing, extra or mis-shaped tensor; raise one error naming all."""
+    avail = set(available)
+    want, problems = set(), []
+    for r in rows:
+        for i, n in enumerate(r.hf_names()):
+            want.add(n)
+            if n not in avail:
+                problems.append(f"missing tensor {n}")
+                continue
+            exp = per_layer_shape(r)
+            got = shape_of(n)
+            if tuple(got) != tuple(exp):
+                problems.append(f"tensor {n} has shape {tuple(got)}, expected {tuple(exp)}")
+    extra = sorted(avail - want)
+    problems += [f"unexpected tensor {n}" for n in extra]
+    return problems
+
+
+def abstract_model(cfg: FusionConfig):
+    from fusion_jax.model import FusionForCausalLM
+    return nnx.eval_shape(lambda: FusionForCausalLM(cfg, rngs=nnx.Rngs(0)))
+
+
+def flat_state(model) -> dict[str, nnx.Variable]:
+    _, state = nnx.split(model)
+    return {".".join(str(p) for p in path): v for path, v in nnx.to_flat_state(state)}
+
+
+def load_weights(model, reader: TensorReader, *, dtype=None):
+    """Fill `model` (concrete or abstract) from HF tensors; returns the model."""
+    cfg = model.cfg
+    rows = param_table(cfg)
+    ours = flat_state(model)
+    table_paths = {r.ours for r in rows}
+    stray = sorted(set(ours) - table_paths)
+    if stray:
+        raise CheckpointError(f"parameters with no mapping row: {stray}")
+
+    def per_layer(r):
+        shp = ours[r.ours].get_value().shape
+        shp = tuple(shp[1:]) if r.stack else tuple(shp)
+        return hf_shape(r, shp, cfg)
+
+    problems = check_names(rows, reader.keys(), reader.shape, per_layer)
+    if problems:
+        raise CheckpointError(f"{reader.folder}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    for r in rows:
+        parts = [to_ours(reader.get(n), r.transform) for n in r.hf_names()]
+        arr = np.stack(parts) if r.stack else parts[0]
+        var = ours[r.ours]
+        var.set_value(jnp.asarray(arr, dtype=dtype or var.get_value().dtype))
+    return model
+
+
+def from_pretrained(folder: str, **overrides):
+    """Model from a reference HF folder (or an Orbax folder once conversion exists)."""
+    cfg = read_config(folder, **overrides)
+    model = abstract_model(cfg)
+    return load_weights(model, TensorReader(folder))

@@ -1,0 +1,56 @@
+"""Next-token cross entropy and DSM, the dual-supervised semantic mapping loss.
+
+DSM = CosineEmbeddingLoss(+1) between L2-normalised pairs (torch formula, eps 1e-12):
+  instruct term: embed_tokens(instructs) vs instruct_features, over valid instruct tokens;
+  vision term:   patch embeddings (tower hidden_states[0]) vs aux_projector(image tokens).
+Each term counts only where it has at least one element.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fusion_jax.constants import IGNORE_INDEX
+
+
+def cross_entropy(logits, labels):
+    """Mean CE of logits[:, :-1] against labels[:, 1:], ignoring IGNORE_INDEX. Returns (loss, count)."""
+    lg = logits[:, :-1].astype(jnp.float32)
+    tg = labels[:, 1:]
+    valid = tg != IGNORE_INDEX
+    logz = jax.nn.logsumexp(lg, axis=-1)
+    picked = jnp.take_along_axis(lg, jnp.where(valid, tg, 0)[..., None], axis=-1)[..., 0]
+    nll = jnp.where(valid, logz - picked, 0.0)
+    n = valid.sum()
+    return jnp.where(n > 0, nll.sum() / jnp.maximum(n, 1), 0.0), n
+
+
+def _normalize(x):
+    x = x.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def cosine_terms(a, b):
+    """Per-token 1 - cos(normalize(a), normalize(b)), torch's cosine_embedding_loss formula."""
+    a, b = _normalize(a), _normalize(b)
+    prod = jnp.sum(a * b, -1)
+    m1 = jnp.sum(a * a, -1) + 1e-12
+    m2 = jnp.sum(b * b, -1) + 1e-12
+    return 1.0 - prod / jnp.sqrt(m1 * m2)
+
+
+def masked_mean(x, mask):
+    mask = mask.astype(jnp.float32)
+    n = mask.sum()
+    return jnp.where(n > 0, jnp.sum(x * mask) / jnp.maximum(n, 1.0), 0.0), n
+
+
+def dsm_loss(instruct_embeddings, instruct_features, instruct_mask, vision_embeddings, vision_features):
+    """Returns (instruct_cos_loss, vision_cos_loss); either may be absent (None inputs -> 0)."""
+    if instruct_features is not None:
+        ins, _ = masked_mean(cosine_terms(instruct_embeddings, instruct_features), instruct_mask)
+    else:
+        ins = jnp.float32(0.0)
+    vt = cosine_terms(vision_embeddings, vision_features)
+    vis = jnp.mean(vt) if vt.size else jnp.float32(0.0)
+    return ins, vis

@@ -1,0 +1,196 @@
+"""The full FUSION model: TUNE encoder, static-shape splicing, decoder with CARD, DSM loss.
+
+Module tree mirrors the reference's `FusionXxxForCausalLM` (`model.embed_tokens`,
+`model.layers`, `model.vision_tower`, `model.mm_projector`, `model.aux_projector`,
+`model.vision_sampler_layers`, `lm_head`) so that `param_map` is a table.
+Layers are stored stacked (leading layer axis) and run under `lax.scan`.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fusion_jax import loss as L
+from fusion_jax.config import FusionConfig
+from fusion_jax.interaction import InteractionLayer, context_windows
+from fusion_jax.llm import DecoderLayer, causal_keep, rope_cos_sin
+from fusion_jax.nn import Embed, Linear, Projector, RMSNorm, dtype_of, remat
+from fusion_jax.vision import (SiglipVisionTower, adaptive_max_pool2d, resize_tokens,
+                               stitch_tiles)
+
+
+class FusionModel(nnx.Module):
+    def __init__(self, cfg: FusionConfig, rngs: nnx.Rngs):
+        c, v = cfg.llm, cfg.vision
+        kw = dict(param_dtype=cfg.param_dtype, dtype=cfg.compute_dtype)
+        self.embed_tokens = Embed(c.vocab_size, c.hidden_size, rngs=rngs, **kw)
+        self.layers = DecoderLayer(c, stack=(c.num_hidden_layers,), rngs=rngs, **kw)
+        self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, **kw)
+        self.vision_tower = SiglipVisionTower(v, rngs=rngs, early_mask_mode=cfg.early_mask_mode,
+                                              remat_policy=cfg.remat_policy, scan=cfg.scan_layers, **kw)
+        d = cfg.projector_depth
+        self.mm_projector = Projector(3 * v.hidden_size, c.hidden_size, d, rngs=rngs,
+                                      axes_in=("vision_mlp", "embed"), axes_out=("mlp", "embed"), **kw)
+        self.aux_projector = Projector(c.hidden_size, v.hidden_size, d, rngs=rngs,
+                                       axes_in=("embed", "vision_embed"),
+                                       axes_out=("vision_mlp", "vision_embed"), **kw)
+        n = cfg.num_sampler_layers if cfg.use_card else 0
+        self.vision_sampler_layers = (InteractionLayer(c.hidden_size, cfg.sampler_heads, stack=(n,),
+                                                       rngs=rngs, **kw) if n else None)
+
+
+class FusionForCausalLM(nnx.Module):
+    def __init__(self, cfg: FusionConfig, *, rngs: nnx.Rngs | None = None, seed: int = 0):
+        rngs = rngs or nnx.Rngs(seed)
+        self.cfg = cfg
+        self.model = FusionModel(cfg, rngs)
+        c = cfg.llm
+        self.lm_head = (None if c.tie_word_embeddings else
+                        Linear(c.hidden_size, c.vocab_size, use_bias=False, axes=("embed", "vocab"),
+                               rngs=rngs, param_dtype=cfg.param_dtype, dtype=cfg.compute_dtype))
+
+    # ------------------------------------------------------------------ vision side
+    def encode(self, batch, query_len: int):
+        """Vision features, DSM pairs and latent inits for a laid-out batch."""
+        cfg, m = self.cfg, self.model
+        v = cfg.vision
+        P = v.num_patches
+        images = batch["images"].astype(dtype_of(cfg.compute_dtype))
+        B = images.shape[0]
+        instructs = batch["instructs"]
+        instruct_mask = batch.get("instruct_mask", instructs != 0)
+        ins_emb = m.embed_tokens(instructs)
+        out = {"instruct_embeddings": ins_emb, "instruct_mask": instruct_mask}
+        if cfg.use_tune:
+            states = m.aux_projector(ins_emb)
+            feats, hs0, hs = m.vision_tower(images[:, 4], states, instruct_mask)
+            proj = m.mm_projector(feats)
+            out["image_features"], out["instruct_features"] = proj[:, :P], proj[:, P:]
+        else:
+            feats, hs0, hs = m.vision_tower(images[:, 4])
+            out["image_features"], out["instruct_features"] = m.mm_projector(feats), None
+        out["vision_embeddings"] = hs0[:, :P]
+        out["vision_features"] = m.aux_projector(out["image_features"])
+
+        tiles = images[:, :4].reshape((B * 4,) + images.shape[2:])
+        gfeats, _, _ = m.vision_tower(tiles)
+        gmap = stitch_tiles(m.mm_projector(gfeats).reshape(B, 4, P, -1), v.grid)
+        s = int(round(query_len ** 0.5))
+        D = gmap.shape[-1]
+        out["global_map"] = gmap
+        out["init_latent"] = adaptive_max_pool2d(gmap, s).reshape(B, s * s, D)
+        g = s * cfg.window_size
+        out["global_ctx"] = adaptive_max_pool2d(gmap, g).reshape(B, g * g, D)
+        if cfg.image_token_grid:
+            out["image_features"] = resize_tokens(out["image_features"], v.grid, cfg.image_token_grid)
+        return out
+
+    def splice(self, batch, enc):
+        """Text embeddings with image tokens and latent blocks scattered at the layout positions."""
+        m = self.model
+        ids, mask = batch["token_ids"], batch["attention_mask"]
+        B, S = ids.shape
+        x = m.embed_tokens(ids) * mask[..., None].astype(dtype_of(self.cfg.compute_dtype))
+        bidx = jnp.arange(B)[:, None]
+        ipos = batch["image_pos"]
+        x = x.at[bidx, jnp.where(ipos >= 0, ipos, S)].set(enc["image_features"].astype(x.dtype),
+                                                          mode="drop")
+        lpos = batch["latent_pos"]
+        Lq = lpos.shape[1]
+        q = enc["init_latent"].shape[1]
+        lat = jnp.tile(enc["init_latent"], (1, Lq // q, 1))
+        lat = lat * batch["has_image"][:, None, None].astype(lat.dtype)
+        return x.at[bidx, jnp.where(lpos >= 0, lpos, S)].set(lat.astype(x.dtype), mode="drop")
+
+    # ------------------------------------------------------------------ decoder
+    def decode(self, x, batch, windows, *, cache=None, cache_index=None, keep=None,
+               position_ids=None, collect=False):
+        """Decoder layers with interaction layers after `cfg.sampler_after` (full pass only)."""
+        cfg, m = self.cfg, self.model
+        S = x.shape[1]
+        pos = batch["position_ids"] if position_ids is None else position_ids
+        cos, sin = rope_cos_sin(cfg.llm, pos, x.dtype,
+                                valid=batch["attention_mask"] if position_ids is None else None)
+        if keep is None:
+            keep = causal_keep(batch["attention_mask"])
+        gd, state = nnx.split(m.layers)
+        after = cfg.sampler_after if (S > 1 and windows is not None) else ()
+        bounds = [a + 1 for a in after] + [cfg.llm.num_hidden_layers]
+        gds = sst = None
+        if after:
+            gds, sst = nnx.split(m.vision_sampler_layers)
+
+        def body(c, inp):
+            st, kv = inp
+            h, kv = nnx.merge(gd, st)(c, cos, sin, keep, kv, cache_index)
+            return h, (kv, c if collect else None)
+
+        body = remat(body, cfg.remat_policy)
+        start, new_cache, hidden, sampler_out = 0, [], [], []
+        for k, end in enumerate(bounds):
+            if end > start:
+                seg = jax.tree.map(lambda a: a[start:end], state)
+                kv = None if cache is None else jax.tree.map(lambda a: a[start:end], cache)
+                if cfg.scan_layers:
+                    x, (kv, hs) = jax.lax.scan(body, x, (seg, kv))
+                else:
+                    outs = []
+                    for i in range(end - start):
+                        x, o = body(x, jax.tree.map(lambda a: a[i], (seg, kv)))
+                        outs.append(o)
+                    kv, hs = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+                new_cache.append(kv)
+                hidden.append(hs)
+            if k < len(after):
+                layer = nnx.merge(gds, jax.tree.map(lambda a: a[k], sst))
+                x, so = layer(x, batch["instruct_pos"], batch["latent_pos"], windows)
+                sampler_out.append(so)
+            start = end
+        x = m.norm(x)
+        if cache is not None:
+            new_cache = jax.tree.map(lambda *a: jnp.concatenate(a, 0), *new_cache)
+        aux = {}
+        if collect:
+            aux["layer_inputs"] = jnp.concatenate(hidden, 0)
+            aux["sampler_outputs"] = jnp.stack(sampler_out) if sampler_out else None
+        return x, (new_cache if cache is not None else None), aux
+
+    def logits(self, h):
+        if self.lm_head is None:
+            out = self.model.embed_tokens.attend(h)
+        else:
+            out = self.lm_head(h)
+        return out.astype(jnp.float32)
+
+    # ------------------------------------------------------------------ full forward
+    def __call__(self, batch, *, return_intermediates: bool = False):
+        """Training/prefill forward on a laid-out batch (see `fusion_jax.layout`).
+
+        Returns logits, loss, ce_loss, instruct_cos_loss, vision_cos_loss, dsm_loss
+        (and intermediates on request).
+        """
+        cfg = self.cfg
+        q = batch["latent_pos"].shape[1] // batch["instruct_pos"].shape[1]
+        enc = self.encode(batch, q)
+        x = self.splice(batch, enc)
+        windows = (context_windows(enc["global_ctx"], q, cfg.window_size)
+                   if self.model.vision_sampler_layers is not None else None)
+        h, _, aux = self.decode(x, batch, windows, collect=return_intermediates)
+        logits = self.logits(h)
+        out = {"logits": logits}
+        if "labels" in batch and batch["labels"] is not None:
+            ce, n = L.cross_entropy(logits, batch["labels"])
+        else:
+            ce, n = jnp.float32(0.0), jnp.int32(0)
+        ins, vis = L.dsm_loss(enc["instruct_embeddings"], enc["instruct_features"],
+                              enc["instruct_mask"], enc["vision_embeddings"], enc["vision_features"])
+        dsm = (ins + vis) if cfg.use_dsm else jnp.float32(0.0)
+        out.update(loss=ce + cfg.dsm_weight * dsm, ce_loss=ce, instruct_cos_loss=ins,
+                   vision_cos_loss=vis, dsm_loss=dsm, num_targets=n)
+        if return_intermediates:
+            out.update(enc)
+            out["inputs_embeds"] = x
+            out["last_hidden_state"] = h
+            out.update(aux)
+        return out

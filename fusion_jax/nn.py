@@ -1,0 +1,171 @@
+"""Small building blocks with PyTorch-named parameters and logical sharding axes.
+
+Every parameter is an `nnx.Param` carrying `logical_axes`; `fusion_jax.sharding`
+maps those names to mesh axes with one rules table. A leading `stack` shape makes
+the same module hold the parameters of several layers at once (scanned).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+LAYERS = "layers"
+
+
+def dtype_of(name) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def _param(value, axes):
+    return nnx.Param(value, logical_axes=tuple(axes))
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel + bias; kernel is [in, out] (PyTorch weight transposed)."""
+
+    def __init__(self, din: int, dout: int, *, use_bias: bool = True, axes=("embed", "mlp"),
+                 stack: tuple[int, ...] = (), rngs: nnx.Rngs, std: float | None = None,
+                 param_dtype="float32", dtype="float32"):
+        std = 1.0 / math.sqrt(din) if std is None else std
+        sa = (LAYERS,) * len(stack)
+        k = jax.random.normal(rngs.params(), stack + (din, dout), jnp.float32) * std
+        self.kernel = _param(k.astype(param_dtype), sa + tuple(axes))
+        self.bias = _param(jnp.zeros(stack + (dout,), param_dtype), sa + (axes[1],)) if use_bias else None
+        self.dtype = dtype
+
+    def __call__(self, x):
+        dt = dtype_of(self.dtype)
+        y = jnp.matmul(x.astype(dt), self.kernel[...].astype(dt))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(dt)
+        return y
+
+
+class LayerNorm(nnx.Module):
+    """PyTorch LayerNorm (biased variance), statistics in float32."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-5, axis_name="norm", stack=(),
+                 param_dtype="float32", dtype="float32"):
+        sa = (LAYERS,) * len(stack)
+        self.weight = _param(jnp.ones(stack + (dim,), param_dtype), sa + (axis_name,))
+        self.bias = _param(jnp.zeros(stack + (dim,), param_dtype), sa + (axis_name,))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, -1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), -1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(dtype_of(self.dtype))
+
+
+class RMSNorm(nnx.Module):
+    """HF Llama/Phi3/Qwen2 RMSNorm: normalise in float32, cast, then scale."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, stack=(), param_dtype="float32",
+                 dtype="float32"):
+        sa = (LAYERS,) * len(stack)
+        self.weight = _param(jnp.ones(stack + (dim,), param_dtype), sa + ("norm",))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x):
+        dt = dtype_of(self.dtype)
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), -1, keepdims=True) + self.eps)
+        return self.weight[...].astype(dt) * y.astype(dt)
+
+
+class Embed(nnx.Module):
+    def __init__(self, num: int, dim: int, *, rngs: nnx.Rngs, axes=("vocab", "embed"),
+                 std: float = 0.02, param_dtype="float32", dtype="float32"):
+        e = jax.random.normal(rngs.params(), (num, dim), jnp.float32) * std
+        self.weight = _param(e.astype(param_dtype), axes)
+        self.dtype = dtype
+
+    def __call__(self, ids):
+        return jnp.take(self.weight[...], ids, axis=0).astype(dtype_of(self.dtype))
+
+    def attend(self, x):
+        """Tied output head: x @ weight.T."""
+        dt = dtype_of(self.dtype)
+        return jnp.matmul(x.astype(dt), self.weight[...].astype(dt).T)
+
+
+def gelu_exact(x):
+    return jax.nn.gelu(x, approximate=False)
+
+
+def gelu_tanh(x):
+    return jax.nn.gelu(x, approximate=True)
+
+
+ACT = {"gelu": gelu_exact, "gelu_pytorch_tanh": gelu_tanh, "gelu_new": gelu_tanh,
+       "silu": jax.nn.silu, "relu": jax.nn.relu}
+
+
+class Projector(nnx.Module):
+    """`mlp{N}x_gelu` (or `linear`): Linear, [GELU, Linear] * (N-1).
+
+    Layers are named linear_0, linear_2, ... after their nn.Sequential index.
+    """
+
+    def __init__(self, din: int, dout: int, depth: int, *, rngs: nnx.Rngs, axes_in=("embed", "mlp"),
+                 axes_out=("mlp", "embed"), param_dtype="float32", dtype="float32"):
+        self.depth = depth
+        for i in range(depth):
+            a = axes_in if i == 0 else axes_out
+            setattr(self, f"linear_{2 * i}",
+                    Linear(din if i == 0 else dout, dout, axes=a, rngs=rngs,
+                           param_dtype=param_dtype, dtype=dtype))
+
+    def __call__(self, x):
+        for i in range(self.depth):
+            if i:
+                x = gelu_exact(x)
+            x = getattr(self, f"linear_{2 * i}")(x)
+        return x
+
+
+def scan_layers(layers: nnx.Module, body, carry, xs=None, *, unroll: bool = False,
+                remat_policy: str = "none"):
+    """Apply `body(layer, carry, x) -> (carry, y)` over a stacked module.
+
+    `layers` holds parameters with a leading layer axis. With `unroll` the layers
+    run in a Python loop (for debugging / tiny models); otherwise in `lax.scan`.
+    """
+    graphdef, state = nnx.split(layers)
+
+    def step(c, inp):
+        st, x = inp
+        return body(nnx.merge(graphdef, st), c, x)
+
+    step = remat(step, remat_policy)
+    if unroll:
+        n = jax.tree.leaves(state)[0].shape[0]
+        ys = []
+        for i in range(n):
+            carry, y = step(carry, jax.tree.map(lambda a: a[i], (state, xs)))
+            ys.append(y)
+        ys = None if ys[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *ys)
+        return carry, ys
+    return jax.lax.scan(step, carry, (state, xs))
+
+
+def remat(fn, policy: str):
+    if policy in (None, "none"):
+        return fn
+    pol = {
+        "full": None,
+        "dots": jax.checkpoint_policies.checkpoint_dots,
+        "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+        "nothing": jax.checkpoint_policies.nothing_saveable,
+    }
+    if policy not in pol:
+        raise ValueError(f"remat_policy={policy!r}: expected one of none, {', '.join(pol)}")
+    return jax.checkpoint(fn, policy=pol[policy], prevent_cse=False)
