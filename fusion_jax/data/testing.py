@@ -1,0 +1,97 @@
+"""Offline fixtures for tests and the benchmark: a tiny BPE tokenizer folder and sample images."""
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+from PIL import Image
+
+SPECIAL = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",
+           "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|im_end|>"]
+CORPUS = [
+    "What is in the image? A cat sitting on a red mat.",
+    "Describe the picture in detail. There are two dogs playing in the park.",
+    "How many apples are on the table? Three apples.",
+    "You are a helpful AI assistant. Answer the question briefly.",
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "system user assistant image latent vision start end colour count scene spatial text",
+]
+
+
+def make_tokenizer_folder(path: str, *, add_bos: bool = True, vocab_size: int = 400) -> str:
+    """Train a byte-level BPE in memory and save it as an HF tokenizer folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 5, trainer=trainer)
+    os.makedirs(path, exist_ok=True)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    cfg = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>",
+           "add_bos_token": add_bos, "add_eos_token": False, "model_max_length": 4096}
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f)
+    with open(os.path.join(path, "special_tokens_map.json"), "w") as f:
+        json.dump({k: cfg[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}, f)
+    return path
+
+
+def gradient_image(w: int, h: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    rgb = np.stack([(x * 255 // max(w - 1, 1)), (y * 255 // max(h - 1, 1)),
+                    rng.integers(0, 256, (h, w))], -1).astype(np.uint8)
+    img = Image.fromarray(rgb, "RGB")
+    return img if mode == "RGB" else img.convert(mode)
+
+
+def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def write_dataset(root: str, n: int = 16, *, size: int = 64, bad: bool = False) -> tuple[str, str]:
+    """A JSONL file plus image folder; with bad=True also one record of each failure kind."""
+    imgdir = os.path.join(root, "images")
+    os.makedirs(imgdir, exist_ok=True)
+    lines = []
+    for i in range(n):
+        name = f"img{i}.jpg" if i % 2 else f"img{i}.png"
+        gradient_image(size + 8 * i, size, seed=i).save(os.path.join(imgdir, name))
+        conv = [{"from": "human", "value": "<image>\nWhat is in the image?"},
+                {"from": "gpt", "value": "A cat sitting on a red mat." * (1 + i % 3)}]
+        if i % 4 == 3:
+            conv += [{"from": "human", "value": "How many apples?"}, {"from": "gpt", "value": "Three."}]
+        rec = {"id": f"s{i}", "conversations": conv}
+        if i % 5 != 4:
+            rec["image"] = name
+        else:
+            conv[0]["value"] = "What is in the image?"
+        lines.append(json.dumps(rec))
+    if bad:
+        with open(os.path.join(imgdir, "empty.png"), "wb"):
+            pass
+        with open(os.path.join(imgdir, "trunc.png"), "wb") as f:
+            f.write(encode(gradient_image(64, 64))[:200])
+        with open(os.path.join(imgdir, "text.png"), "wb") as f:
+            f.write(b"this is not an image")
+        good = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A cat."}]
+        for rid, extra in [("b_missing", {"image": "nope.png"}), ("b_empty", {"image": "empty.png"}),
+                           ("b_trunc", {"image": "trunc.png"}), ("b_text", {"image": "text.png"}),
+                           ("b_abs", {"image": "/etc/passwd"}), ("b_dotdot", {"image": "../x.png"})]:
+            lines.append(json.dumps({"id": rid, "conversations": good, **extra}))
+        lines.append('{"id": "b_json", "conversations": [')
+        lines.append(json.dumps({"id": "b_null", "image": "img0.png",
+                                 "conversations": [{"from": "human", "value": None}, good[1]]}))
+        lines.append(json.dumps({"id": "b_role", "image": "img0.png",
+                                 "conversations": [good[0], {"from": "robot", "value": "x"}]}))
+        lines.append(json.dumps({"id": "b_noans", "image": "img0.png", "conversations": [good[0]]}))
+    path = os.path.join(root, "data.jsonl")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path, imgdir
