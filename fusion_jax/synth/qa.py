@@ -113,10 +113,10 @@ class TemplateQAWriter:
 
     def _style(self, rng, can_mc=True, can_long=True) -> str:
         u = rng.random()
-        if can_mc and u < self.mc_fraction:
-            return "mc"
-        if can_long and u < self.mc_fraction + self.long_fraction:
-            return "long"
+        if u < self.mc_fraction:
+            return "mc" if can_mc else "short"
+        if u < self.mc_fraction + self.long_fraction:
+            return "long" if can_long else "short"
         return "short"
 
     def _finish(self, rng, kind, qtype, spec, question, answer, long_answer, vocab, style) -> QAPair:

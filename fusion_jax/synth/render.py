@@ -141,17 +141,17 @@ class ProceduralRenderer:
         b = np.array(bg.rgb2, dtype=np.float32)
         if bg.style == "gradient":
             t = np.linspace(0.0, 1.0, side, dtype=np.float32)[:, None, None]
-            arr = a * (1 - t) + b * t
-            arr = np.broadcast_to(arr, (side, side, 3))
+            col = np.rint(a * (1 - t) + b * t).astype(np.uint8)  # [side, 1, 3]
+            arr = np.broadcast_to(col, (side, side, 3))
         else:
             period = max(2, int(round(bg.period * side)))
             idx = np.arange(side) // period
             if bg.style == "stripes":
-                sel = (idx[None, :] % 2 == 1) & np.ones((side, 1), dtype=bool)
+                sel = np.broadcast_to(idx[None, :] % 2 == 1, (side, side))
             else:
                 sel = (idx[None, :] + idx[:, None]) % 2 == 1
-            arr = np.where(sel[..., None], b, a)
-        return Image.fromarray(np.ascontiguousarray(np.rint(arr).astype(np.uint8)), "RGB")
+            arr = np.where(sel[..., None], b.astype(np.uint8), a.astype(np.uint8))
+        return Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint8), "RGB")
 
     # -- text ----------------------------------------------------------------------------------
     def _draw_text(self, draw: ImageDraw.ImageDraw, t: TextItem, side: int):
@@ -196,7 +196,8 @@ class ProceduralRenderer:
 
 
 def png_bytes(img: Image.Image) -> bytes:
-    """Deterministic PNG encoding (no metadata, fixed compression)."""
+    """Deterministic PNG encoding (no metadata, fixed fast compression: noisy
+    images barely compress, level 1 is ~5x faster than the default for ~10% more bytes)."""
     buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=False, compress_level=6)
+    img.save(buf, format="PNG", optimize=False, compress_level=1)
     return buf.getvalue()

@@ -207,6 +207,18 @@ def region_of(x: float, y: float) -> str:
     return h or v or "center"
 
 
+def location_phrase(x: float, y: float) -> str:
+    """'in the top left corner', 'on the right', 'at the bottom', 'in the center'."""
+    r = region_of(x, y)
+    if " " in r:
+        return f"in the {r} corner"
+    if r in ("left", "right"):
+        return f"on the {r}"
+    if r in ("top", "bottom"):
+        return f"at the {r}"
+    return "in the center"
+
+
 def plural(shape: str, n: int) -> str:
     if n == 1:
         return shape
@@ -534,9 +546,10 @@ class TemplateCaptionWriter:
             if len(objs) == 1:
                 o = objs[0]
                 parts.append(f"{noun_phrase({'size': size, 'color': color, 'shape': shape}, 'a').capitalize()} "
-                             f"is in the {region_of(o.x, o.y)}.")
+                             f"is {location_phrase(o.x, o.y)}.")
             else:
-                where = ", ".join(sorted({region_of(o.x, o.y) for o in objs}))
+                where = sorted({region_of(o.x, o.y) for o in objs})
+                where = where[0] if len(where) == 1 else ", ".join(where[:-1]) + " and " + where[-1]
                 parts.append(f"There are {number_word(len(objs))} "
                              f"{noun_phrase({'size': size, 'color': color, 'shape': shape}, '', len(objs))} "
                              f"(around the {where}).")
@@ -562,6 +575,6 @@ class TemplateCaptionWriter:
             idx = sorted(rng.choice(len(rels), size=k, replace=False).tolist())
             parts.extend(rels[i] for i in idx)
         for t in scene.texts:
-            parts.append(f'The text "{t.text}" is written in {t.color} letters near the '
-                         f"{region_of((t.x0 + t.x1) / 2, (t.y0 + t.y1) / 2)}.")
+            parts.append(f'The text "{t.text}" is written in {t.color} letters '
+                         f"{location_phrase((t.x0 + t.x1) / 2, (t.y0 + t.y1) / 2)}.")
         return " ".join(parts)
