@@ -32,15 +32,18 @@ class FilterContext:
     image: Any = None  # the rendered PIL image (for model-based filters)
     cache: dict = dataclasses.field(default_factory=dict)
 
+    def _cached(self, name, scene, fn):
+        key = (name, id(scene), len(scene.objects))
+        hit = self.cache.get(key)
+        if hit is None or hit[0] is not scene:
+            hit = self.cache[key] = (scene, fn(scene))
+        return hit[1]
+
     def visible(self, scene: Scene) -> np.ndarray:
-        if "visible" not in self.cache:
-            self.cache["visible"] = visible_fractions(scene)
-        return self.cache["visible"]
+        return self._cached("visible", scene, visible_fractions)
 
     def masks(self, scene: Scene) -> np.ndarray:
-        if "masks" not in self.cache:
-            self.cache["masks"] = object_masks(scene)
-        return self.cache["masks"]
+        return self._cached("masks", scene, object_masks)
 
 
 class DerivableFilter:

@@ -78,7 +78,7 @@ class SynthPipeline:
         c = self.config
         self.palette = get_palette(c.difficulty)
         self.scene_sampler = scene_sampler or ProceduralSceneSampler(
-            allow_overlap_prob=0.0 if c.difficulty == "easy" else 0.15)
+            allow_overlap_prob=0.0 if c.difficulty == "easy" else 0.15, image_size=c.image_size)
         self.caption_writer = caption_writer or TemplateCaptionWriter()
         self.image_generator = image_generator or ProceduralRenderer(fonts=c.fonts)
         self.qa_writer = qa_writer or TemplateQAWriter(

@@ -336,8 +336,13 @@ class ProceduralSceneSampler:
     objects never touch; smaller values let them overlap (the filters then drop QA pairs that
     become ambiguous)."""
 
-    def __init__(self, allow_overlap_prob: float = 0.15):
+    def __init__(self, allow_overlap_prob: float = 0.15, image_size: Optional[int] = None,
+                 min_text_px: float = 9.0, min_radius_px: float = 3.5):
         self.allow_overlap_prob = allow_overlap_prob
+        # The description stays resolution-free, but when the target size is known we keep
+        # text and objects large enough to be legible there (so fewer samples are filtered).
+        self.min_text_frac = min_text_px / image_size if image_size else 0.0
+        self.min_radius_frac = min_radius_px / image_size if image_size else 0.0
 
     # -- pieces --------------------------------------------------------------------------------
     def _background(self, rng, p: Palette) -> Background:
@@ -387,7 +392,7 @@ class ProceduralSceneSampler:
         radii = []
         for _, _, size in specs:
             lo, hi = p.sizes[size]
-            radii.append(float(rng.uniform(lo, hi)))
+            radii.append(max(float(rng.uniform(lo, hi)), self.min_radius_frac))
         pos = self._place(rng, radii, taken, allow_overlap)
         if pos is None:
             return None
@@ -407,7 +412,9 @@ class ProceduralSceneSampler:
 
     def _text(self, rng, p: Palette, bg: Background, idx: int, taken) -> Optional[TextItem]:
         word = p.words[int(rng.integers(len(p.words)))]
-        h = float(rng.uniform(*p.text_height))
+        lo, hi = p.text_height
+        lo, hi = max(lo, self.min_text_frac), max(hi, min(0.4, self.min_text_frac * 1.3))
+        h = float(rng.uniform(lo, hi))
         # glyph aspect of the built-in font is ~0.6 (width / height) per character
         w = min(0.9, h * 0.62 * len(word) + 0.02)
         cands = [c for c, rgb in p.colors.items()
