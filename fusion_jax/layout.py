@@ -115,6 +115,13 @@ def build_layout(input_ids, labels, instructs, *, num_image_tokens: int, query_l
     Raises ValueError naming the sample when a bucket is too small.
     """
     B = len(input_ids)
+    if attention_mask is not None and labels is None:
+        # The reference marks the last *column* before removing padding, so a
+        # right-padded shorter sample loses its instruct position.
+        labels = [np.full(np.asarray(x).shape, IGNORE_INDEX, np.int64) for x in input_ids]
+        for x in labels:
+            if x.shape[0]:
+                x[-1] = INSTRUCT_INDEX
     if attention_mask is not None:
         input_ids = [np.asarray(x)[np.asarray(m, bool)] for x, m in zip(input_ids, attention_mask)]
         if labels is not None:

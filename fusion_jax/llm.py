@@ -21,11 +21,6 @@ NEG = float(np.finfo(np.float32).min)
 
 # ----------------------------------------------------------------------------- RoPE
 
-def _base_inv_freq(base: float, dim: int) -> np.ndarray:
-    exps = (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)).astype(np.float64)
-    return (1.0 / (np.float64(base) ** exps)).astype(np.float32)
-
-
 def rope_params(cfg: LLMConfig):
     """(short_inv_freq, long_inv_freq or None, switch_len, attention_scaling).
 
@@ -125,9 +120,11 @@ class Attention(nnx.Module):
         v = v.reshape(B, S, KV, hd)
         new_cache = None
         if cache is not None:
-            kc, vc = cache
-            kc = jax.lax.dynamic_update_slice(kc, k.astype(kc.dtype), (0, cache_index, 0, 0))
-            vc = jax.lax.dynamic_update_slice(vc, v.astype(vc.dtype), (0, cache_index, 0, 0))
+            kc, vc = cache  # [B, Smax, KV, hd]; sample b writes at slots cache_index[b] + 0..S-1
+            slots = cache_index[:, None] + jnp.arange(S)
+            bidx = jnp.arange(B)[:, None]
+            kc = kc.at[bidx, slots].set(k.astype(kc.dtype), mode="drop")
+            vc = vc.at[bidx, slots].set(v.astype(vc.dtype), mode="drop")
             new_cache = (kc, vc)
             k, v = kc.astype(q.dtype), vc.astype(q.dtype)
         G = H // KV
