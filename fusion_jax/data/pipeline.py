@@ -122,10 +122,19 @@ class _SkipBatchIterator(grain.DatasetIterator):
     def __next__(self):
         samples, skipped, examples, repairs = [], collections.Counter(), {}, collections.Counter()
         while len(samples) < self._bs:
-            x = next(self._parent)  # StopIteration ends the epoch; a partial batch is dropped
+            try:
+                x = next(self._parent)
+            except StopIteration:
+                if not samples and not skipped:
+                    raise
+                # End of data: hand the counts of the incomplete batch on, so nothing goes uncounted.
+                return {"tail": True, "dropped_remainder": len(samples), "skipped": dict(skipped),
+                        "skipped_examples": examples, "repaired": dict(repairs)}
             if isinstance(x, Skipped):
                 skipped[x.reason] += 1
-                examples.setdefault(x.reason, x.id)
+                ex = examples.setdefault(x.reason, [])
+                if len(ex) < 5:
+                    ex.append(x.id)
                 continue
             samples.append(x)
             repairs.update(x["repairs"])
@@ -217,32 +226,41 @@ class _CollateIterator(grain.DatasetIterator):
         self.skipped = collections.Counter()
         self.repaired = collections.Counter()
         self.skipped_examples: dict[str, list[str]] = collections.defaultdict(list)
+        self.dropped_remainder = 0  # usable samples of an incomplete last batch (finite epochs)
+
+    def _count(self, raw):
+        self.skipped.update(raw["skipped"])
+        self.repaired.update(raw["repaired"])
+        for r, rids in raw["skipped_examples"].items():
+            self.skipped_examples[r].extend(rids[:5 - len(self.skipped_examples[r])])
 
     def __next__(self):
         raw = next(self._parent)
+        while raw.get("tail"):  # end of a worker's data: counts only, no batch
+            self._count(raw)
+            self.dropped_remainder += raw["dropped_remainder"]
+            raw = next(self._parent)
         out = self._collate(raw, self._step)
         self._step += 1
-        self.skipped.update(raw["skipped"])
-        self.repaired.update(raw["repaired"])
-        for r, rid in raw["skipped_examples"].items():
-            if len(self.skipped_examples[r]) < 5:
-                self.skipped_examples[r].append(rid)
+        self._count(raw)
         out["skipped"] = dict(raw["skipped"])
         return out
 
     def get_state(self):
         return {"parent": self._parent.get_state(), "step": self._step,
-                "skipped": dict(self.skipped), "repaired": dict(self.repaired)}
+                "skipped": dict(self.skipped), "repaired": dict(self.repaired),
+                "dropped_remainder": self.dropped_remainder}
 
     def set_state(self, state):
         self._parent.set_state(state["parent"])
         self._step = int(state["step"])
         self.skipped = collections.Counter(state.get("skipped", {}))
         self.repaired = collections.Counter(state.get("repaired", {}))
+        self.dropped_remainder = int(state.get("dropped_remainder", 0))
 
     def stats(self) -> dict:
         return {"steps": self._step, "skipped": dict(self.skipped), "repaired": dict(self.repaired),
-                "skipped_examples": dict(self.skipped_examples)}
+                "dropped_remainder": self.dropped_remainder, "skipped_examples": dict(self.skipped_examples)}
 
 
 class _CollateIterDataset(grain.IterDataset):
