@@ -197,6 +197,29 @@ class FusionConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
+def tiny_config(family: str = "phi3", **overrides) -> FusionConfig:
+    """A few-hundred-K-parameter model for tests, demos and CPU runs."""
+    rope = None
+    if family == "phi3":
+        rope = {"type": "longrope", "short_factor": [1.0, 1.05, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0],
+                "long_factor": [1.0, 1.2, 1.5, 2.0, 4.0, 8.0, 16.0, 32.0]}
+    elif family == "llama":
+        rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    llm = LLMConfig(family=family, vocab_size=256, hidden_size=64, intermediate_size=128,
+                    num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=4 if family == "phi3" else 2, rms_norm_eps=1e-5,
+                    rope_scaling=rope, max_position_embeddings=131072 if family == "phi3" else 2048,
+                    original_max_position_embeddings=4096 if family == "phi3" else None,
+                    tie_word_embeddings=(family == "qwen2"), attention_bias=(family == "qwen2"))
+    vision = VisionConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                          num_hidden_layers=5, image_size=32, patch_size=4)
+    cfg = FusionConfig(llm=llm, vision=vision, num_sampler_layers=2, sampler_start=0,
+                       sampler_stride=2, query_len=(4, 16), max_length=512,
+                       mm_vision_tower="tiny-siglip")
+    return cfg.replace(**overrides) if overrides else cfg
+
+
 def parse_query_len(q) -> tuple[int, ...]:
     if isinstance(q, int):
         return (q,)
