@@ -53,6 +53,9 @@ class SampleProcessor:
         try:
             rec = parse_record(item["payload"], key)
             rid = record_id(rec, key)
+            if item.get("image_error") and rec.get("image") is not None:
+                reason, _, detail = item["image_error"].partition(": ")
+                raise img_lib.ImageError(reason, detail)
             return self._process(rec, rid, item.get("image_folder") or self.image_folder,
                                  image_bytes=item.get("image_bytes"))
         except (Skip, img_lib.ImageError) as e:
