@@ -1,0 +1,248 @@
+"""Streaming safetensors I/O with exact bits (bf16 included) and no pickle.
+
+`SafeReader` reads one tensor at a time straight from the file (header parsed by
+hand, data read into a fresh buffer, so host memory holds one tensor, not the
+checkpoint). `ShardedWriter` writes tensors one at a time into pre-planned shards
+plus `model.safetensors.index.json`. PyTorch `.bin` files are read only with
+`torch.load(weights_only=True, mmap=True)`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import ml_dtypes
+import numpy as np
+
+ST_TO_NP = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "U16": np.dtype(np.uint16),
+    "U32": np.dtype(np.uint32), "U64": np.dtype(np.uint64),
+}
+NP_TO_ST = {v: k for k, v in ST_TO_NP.items()}
+
+
+def np_dtype(name) -> np.dtype:
+    """'bfloat16' / 'float32' / np dtype / safetensors code -> numpy dtype."""
+    if isinstance(name, str) and name in ST_TO_NP:
+        return ST_TO_NP[name]
+    if isinstance(name, str) and name == "bfloat16":
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+class _StFile:
+    def __init__(self, path):
+        self.path = path
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.base = 8 + n
+        self.entries = header
+
+    def shape(self, name):
+        return tuple(self.entries[name]["shape"])
+
+    def dtype(self, name):
+        return ST_TO_NP[self.entries[name]["dtype"]]
+
+    def nbytes(self, name):
+        a, b = self.entries[name]["data_offsets"]
+        return b - a
+
+    def get(self, name) -> np.ndarray:
+        e = self.entries[name]
+        a, b = e["data_offsets"]
+        dt = ST_TO_NP[e["dtype"]]
+        with open(self.path, "rb") as f:
+            f.seek(self.base + a)
+            buf = np.fromfile(f, dtype=np.uint8, count=b - a)
+        if buf.size != b - a:
+            raise CheckpointError(f"{self.path}: tensor {name} is truncated")
+        return buf.view(dt).reshape(e["shape"])
+
+
+class _BinFile:
+    """PyTorch pickle checkpoint, loaded with weights_only=True (never arbitrary unpickling)."""
+
+    def __init__(self, path):
+        import torch
+        self.path = path
+        self.sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        self.entries = self.sd
+        self.metadata = {}
+
+    def shape(self, name):
+        return tuple(self.sd[name].shape)
+
+    def dtype(self, name):
+        return self.get(name).dtype
+
+    def nbytes(self, name):
+        t = self.sd[name]
+        return t.numel() * t.element_size()
+
+    def get(self, name):
+        import torch
+        t = self.sd[name].contiguous()
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
+        return t.numpy().copy()
+
+
+class SafeReader:
+    """Lazy name -> np.ndarray over a folder: model.safetensors, sharded index, any *.safetensors,
+    or (weights_only) pytorch_model*.bin."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        files = _weight_files(folder)
+        self.files = {}
+        self.where = {}
+        for fn in files:
+            p = os.path.join(folder, fn)
+            if not os.path.exists(p):
+                raise CheckpointError(f"{folder}: shard {fn} listed in the index is missing")
+            h = _StFile(p) if fn.endswith(".safetensors") else _BinFile(p)
+            self.files[fn] = h
+            for k in h.entries:
+                if k in self.where:
+                    raise CheckpointError(f"{folder}: tensor {k} appears in {self.where[k]} and {fn}")
+                self.where[k] = fn
+
+    def keys(self):
+        return list(self.where)
+
+    def __contains__(self, name):
+        return name in self.where
+
+    def shape(self, name):
+        return self.files[self.where[name]].shape(name)
+
+    def dtype(self, name):
+        return self.files[self.where[name]].dtype(name)
+
+    def nbytes(self, name):
+        return self.files[self.where[name]].nbytes(name)
+
+    def get(self, name) -> np.ndarray:
+        return self.files[self.where[name]].get(name)
+
+    @property
+    def total_bytes(self):
+        return sum(self.nbytes(k) for k in self.where)
+
+
+def _weight_files(folder):
+    for idx in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        p = os.path.join(folder, idx)
+        if os.path.exists(p):
+            with open(p) as f:
+                return sorted(set(json.load(f)["weight_map"].values()))
+    if os.path.exists(os.path.join(folder, "model.safetensors")):
+        return ["model.safetensors"]
+    st = sorted(x for x in os.listdir(folder) if x.endswith(".safetensors"))
+    if st:
+        return st
+    bins = sorted(x for x in os.listdir(folder) if x.endswith(".bin") and "pytorch_model" in x)
+    if bins:
+        return bins
+    raise CheckpointError(f"{folder}: no model.safetensors, index, *.safetensors or pytorch_model*.bin")
+
+
+# ----------------------------------------------------------------------------- writing
+
+def parse_size(s) -> int:
+    if isinstance(s, int):
+        return s
+    s = s.strip().upper()
+    for unit, mul in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6),
+                      ("KB", 10**3), ("B", 1)):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mul)
+    return int(s)
+
+
+class ShardedWriter:
+    """Write planned tensors (name, shape, dtype) one at a time; HF shard naming and index."""
+
+    def __init__(self, folder, plan, max_shard_size="5GB", metadata=None):
+        self.folder = folder
+        limit = parse_size(max_shard_size)
+        shards, cur, cur_size = [], [], 0
+        for name, shape, dt in plan:
+            nb = int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
+            if cur and cur_size + nb > limit:
+                shards.append(cur)
+                cur, cur_size = [], 0
+            cur.append((name, tuple(shape), np.dtype(dt), nb))
+            cur_size += nb
+        if cur or not shards:
+            shards.append(cur)
+        n = len(shards)
+        self.names = (["model.safetensors"] if n == 1 else
+                      [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)])
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.shards = shards
+        self.where = {}
+        self.total = 0
+        for fn, sh in zip(self.names, shards):
+            for name, *_rest in sh:
+                self.where[name] = fn
+                self.total += _rest[2]
+        self._order = [t for sh in shards for t in sh]
+        self._pos = 0
+        self._fh = None
+        self._shard_idx = -1
+
+    def _open_next(self):
+        if self._fh:
+            self._fh.close()
+        self._shard_idx += 1
+        sh = self.shards[self._shard_idx]
+        header, off = {}, 0
+        for name, shape, dt, nb in sh:
+            header[name] = {"dtype": NP_TO_ST[dt], "shape": list(shape), "data_offsets": [off, off + nb]}
+            off += nb
+        header = {"__metadata__": self.metadata, **header}
+        hb = json.dumps(header, separators=(",", ":")).encode()
+        hb += b" " * (-len(hb) % 8)
+        self._fh = open(os.path.join(self.folder, self.names[self._shard_idx]), "wb")
+        self._fh.write(struct.pack("<Q", len(hb)))
+        self._fh.write(hb)
+        self._left = len(sh)
+
+    def write(self, name, arr: np.ndarray):
+        exp_name, shape, dt, nb = self._order[self._pos]
+        if name != exp_name:
+            raise CheckpointError(f"writer expected tensor {exp_name}, got {name}")
+        if tuple(arr.shape) != shape or arr.dtype != dt:
+            raise CheckpointError(f"tensor {name}: got {arr.shape} {arr.dtype}, planned {shape} {dt}")
+        if self._fh is None or self._left == 0:
+            self._open_next()
+            while self._left == 0:  # empty shard (only when nothing planned)
+                self._open_next()
+        a = np.ascontiguousarray(arr)
+        self._fh.write(a.reshape(-1).view(np.uint8).data if a.size else b"")
+        self._left -= 1
+        self._pos += 1
+
+    def close(self):
+        if self._pos != len(self._order):
+            raise CheckpointError(f"writer closed after {self._pos} of {len(self._order)} tensors")
+        if self._fh is None:  # no tensors at all
+            self._open_next()
+        self._fh.close()
+        if len(self.names) > 1:
+            with open(os.path.join(self.folder, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.where.items()))},
+                          f, indent=2)
