@@ -64,7 +64,7 @@ def cmd_preview(args) -> int:
     from fusion_jax.data.preview import preview
     proc = _processor(args)
     src = _source(args)
-    text = preview(src, proc, index=args.index, record_id=args.id, out_png=args.out)
+    text = preview(src, proc, index=args.index, rid=args.id, out_png=args.out)
     print(text)
     return 0
 
