@@ -1,0 +1,45 @@
+"""`inspect DIR`: tensors, shapes, dtypes and the detected config of an HF or Orbax folder."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from fusion_jax.convert import orbax_io as oio
+
+
+def inspect_dir(path: str, out=print) -> dict:
+    if oio.is_orbax_dir(path):
+        cfg = oio.read_fusion_config(path)
+        r = oio.ParamReader(path)
+        rows = [(n, r.shape(n), str(r.dtype(n))) for n in sorted(r.names)]
+        kind = "orbax"
+    else:
+        from fusion_jax.convert.st_io import SafeReader
+        r = SafeReader(path)
+        rows = [(n, r.shape(n), str(r.dtype(n))) for n in sorted(r.keys())]
+        kind = "hf"
+        try:
+            from fusion_jax.hf_io import read_config
+            cfg = read_config(path)
+        except Exception as e:  # a plain LLM / SigLIP folder: show its config.json as is
+            cfg = None
+            out(f"(no FUSION config detected: {e})")
+    total = 0
+    for n, shp, dt in rows:
+        nb = int(np.prod(shp, dtype=np.int64)) * np.dtype(_np(dt)).itemsize
+        total += nb
+        out(f"{n:80s} {str(list(shp)):22s} {dt}")
+    out(f"{kind} folder {path}: {len(rows)} tensors, {total / 2**20:.1f} MiB")
+    if cfg is not None:
+        out(cfg.to_json())
+    elif os.path.isfile(os.path.join(path, "config.json")):
+        with open(os.path.join(path, "config.json")) as f:
+            out(json.dumps(json.load(f), indent=2))
+    return {"kind": kind, "tensors": rows, "config": cfg, "total_bytes": total}
+
+
+def _np(dt):
+    from fusion_jax.convert.st_io import np_dtype
+    return np_dtype(dt)
