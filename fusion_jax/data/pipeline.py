@@ -212,7 +212,6 @@ class BatchCollator:
                            query_len=q, max_questions=self.L, seq_len=seq_len, instruct_len=ins_len,
                            pad_id=self.pad_id, max_length=min(self.max_length, seq_len))
         out["images"] = raw["images"]
-        out["has_image"] = raw["has_image"]
         out["query_len"] = q
         out["ids"] = raw["ids"]
         return out

@@ -124,13 +124,15 @@ def apply_strategy(n: int, strategy: str, rng: np.random.Generator) -> np.ndarra
     return idx
 
 
-def read_json_file(path: str) -> list:
-    """Raw payloads of one file: bytes per JSONL line (blank lines ignored), dicts for .json."""
+def read_json_file(path: str) -> tuple[list, np.ndarray]:
+    """Raw payloads of one file and their positions: bytes per JSONL line (blank lines ignored,
+    positions are 1-based line numbers), dicts for .json (0-based indices)."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such file")
     if path.endswith(".jsonl"):
         with open(path, "rb") as f:
-            return [line for line in f if line.strip()]
+            pairs = [(line, k) for k, line in enumerate(f, 1) if line.strip()]
+        return [p for p, _ in pairs], np.asarray([k for _, k in pairs], np.int64)
     if path.endswith(".json"):
         try:
             with open(path, encoding="utf-8") as f:
@@ -139,7 +141,7 @@ def read_json_file(path: str) -> list:
             raise InputError(f"{path}: not valid JSON ({e})") from e
         if not isinstance(data, list):
             raise InputError(f"{path}: expected a JSON array of records")
-        return data
+        return data, np.arange(len(data), dtype=np.int64)
     raise InputError(f"{path}: unsupported file type (want .json or .jsonl)")
 
 
@@ -152,11 +154,11 @@ class JsonRecordSource:
         payloads, file_idx, pos = [], [], []
         rng = np.random.default_rng(seed)
         for k, spec in enumerate(specs):
-            items = read_json_file(spec.json_path)
+            items, where = read_json_file(spec.json_path)
             keep = apply_strategy(len(items), spec.sampling_strategy, rng)
             payloads.extend(items[i] for i in keep)
             file_idx.append(np.full(len(keep), k, np.int32))
-            pos.append(keep.astype(np.int64))
+            pos.append(where[keep])
         self._payloads = payloads
         self._file = np.concatenate(file_idx) if file_idx else np.zeros(0, np.int32)
         self._pos = np.concatenate(pos) if pos else np.zeros(0, np.int64)
@@ -170,8 +172,7 @@ class JsonRecordSource:
 
     def __getitem__(self, i: int) -> dict:
         k = int(self._file[i])
-        line = int(self._pos[i]) + (1 if self.files[k].endswith(".jsonl") else 0)
-        return {"payload": self._payloads[i], "key": f"{os.path.basename(self.files[k])}:{line}",
+        return {"payload": self._payloads[i], "key": f"{os.path.basename(self.files[k])}:{int(self._pos[i])}",
                 "image_folder": self.folders[k]}
 
     def modality_lengths(self) -> np.ndarray:
