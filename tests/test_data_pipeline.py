@@ -214,3 +214,32 @@ def test_multiprocess_workers(data, tmp_path):
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "OK" in r.stdout
+
+
+def test_orbax_checkpoint_manager_roundtrip(data, tmp_path):
+    import grain
+    import orbax.checkpoint as ocp
+    it = DataIterator(_ds(data))
+    _take(it, 2)
+    mgr = ocp.CheckpointManager(str(tmp_path / "ckpt"))
+    mgr.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it.grain_iterator)))
+    mgr.wait_until_finished()
+    expect = _take(it, 3)
+    it2 = DataIterator(_ds(data))
+    mgr.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(it2.grain_iterator)))
+    got = _take(it2, 3)
+    assert [b["ids"] for b in got] == [b["ids"] for b in expect]
+    assert [b["query_len"] for b in got] == [b["query_len"] for b in expect]
+    mgr.close()
+
+
+def test_unexpected_errors_are_counted_not_raised(data):
+    class Boom:
+        bos_id = None
+
+        def encode_with_offsets(self, text):
+            raise RuntimeError("tokenizer exploded")
+    proc = SampleProcessor(Boom(), SampleConfig(**SCFG))
+    rec = {"id": "r", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    out = proc({"payload": json.dumps(rec), "key": "k"})
+    assert isinstance(out, Skipped) and out.reason == "unexpected_error" and "exploded" in out.detail

@@ -32,6 +32,7 @@ SKIP_REASONS = {
     "corrupt_image": "image decodes with an error",
     "image_too_large": "pixel count over the limit (checked before decoding)",
     "nothing_to_learn": "no supervised token left after truncation",
+    "unexpected_error": "any other exception while preprocessing (type and message kept)",
 }
 REPAIRS = {
     "leading_answer_dropped": "first turn was an answer (dropped, as the reference does)",

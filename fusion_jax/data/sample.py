@@ -62,6 +62,10 @@ class SampleProcessor:
             if self.cfg.strict:
                 raise StrictModeError(f"record {rid} ({key}): {e}") from e
             return Skipped(e.reason, rid, e.detail)
+        except Exception as e:  # noqa: BLE001 - bad input must never stop training; counted instead
+            if self.cfg.strict:
+                raise StrictModeError(f"record {rid} ({key}): {type(e).__name__}: {e}") from e
+            return Skipped("unexpected_error", rid, f"{type(e).__name__}: {e}")
 
     def _process(self, rec: dict, rid: str, image_folder, image_bytes=None) -> dict:
         cfg = self.cfg
