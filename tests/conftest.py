@@ -8,7 +8,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib
 
+import jax
 import pytest
+
+# Parity tests compare float32 numbers; XLA's default CPU/TPU matmul precision may be lower.
+jax.config.update("jax_default_matmul_precision", "highest")
 
 GOLDEN = pathlib.Path(__file__).resolve().parents[2] / "shared" / "golden" / "fusion_ref"
 
