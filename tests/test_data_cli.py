@@ -1,6 +1,5 @@
 """CLI: preview output and PNG, prepare -> check on the prepared dataset, JSON-array inputs."""
 import json
-import os
 
 from PIL import Image
 

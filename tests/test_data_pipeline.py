@@ -11,7 +11,7 @@ import pytest
 from fusion_jax.constants import IGNORE_INDEX
 from fusion_jax.data.__main__ import main as cli_main
 from fusion_jax.data.pipeline import (BatchCollator, DataIterator, PipelineConfig, build_dataset,
-                                      modality_length_grouped_indices, open_source, to_global_arrays)
+                                      modality_length_grouped_indices, open_source)
 from fusion_jax.data.sample import SampleConfig, SampleProcessor, Skipped
 from fusion_jax.data.testing import make_tokenizer_folder, write_dataset
 from fusion_jax.data.tokenizer import load_tokenizer

@@ -1,5 +1,4 @@
 """Templates, labels, instructs and image preprocessing against the reference's semantics."""
-import io
 
 import numpy as np
 import pytest
