@@ -245,9 +245,11 @@ def tower_from_name(name: str) -> VisionConfig:
 
 def llm_config_from_hf(d: dict, family: str) -> LLMConfig:
     rope = d.get("rope_scaling")
-    if family == "llama" and rope is None and isinstance(d.get("rope_parameters"), dict):
-        rp = d["rope_parameters"]
-        rope = rp if rp.get("rope_type", "default") != "default" else None
+    rp = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
+    if rope is None and rp.get("rope_type", rp.get("type", "default")) != "default":
+        rope = rp  # transformers >= 5 spelling
+    if isinstance(rope, dict):
+        rope = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
     kw = dict(
         family=family,
         vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
@@ -255,8 +257,8 @@ def llm_config_from_hf(d: dict, family: str) -> LLMConfig:
         num_attention_heads=d["num_attention_heads"],
         num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
         head_dim=d.get("head_dim"), rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-        rope_theta=d.get("rope_theta", 10000.0), rope_scaling=rope,
-        partial_rotary_factor=d.get("partial_rotary_factor", 1.0),
+        rope_theta=d.get("rope_theta", rp.get("rope_theta", 10000.0)), rope_scaling=rope,
+        partial_rotary_factor=d.get("partial_rotary_factor") or rp.get("partial_rotary_factor", 1.0),
         max_position_embeddings=d.get("max_position_embeddings", 4096),
         original_max_position_embeddings=d.get("original_max_position_embeddings"),
         tie_word_embeddings=d.get("tie_word_embeddings", False),

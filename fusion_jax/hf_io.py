@@ -86,6 +86,22 @@ class TensorReader:
                 return np.asarray(f.get_tensor(name))
 
 
+class DictReader:
+    """In-memory stand-in for TensorReader (tests, conversion of already-loaded tensors)."""
+
+    def __init__(self, tensors: dict, folder: str = "<in-memory>"):
+        self.tensors, self.folder = tensors, folder
+
+    def keys(self):
+        return self.tensors.keys()
+
+    def shape(self, name):
+        return tuple(np.shape(self.tensors[name]))
+
+    def get(self, name):
+        return np.asarray(self.tensors[name])
+
+
 def check_names(rows: Iterable[Row], available: Iterable[str], shape_of: Callable, per_layer_shape):
     """Collect every missing, extra or mis-shaped tensor; raise one error naming all."""
     avail = set(available)
@@ -115,8 +131,13 @@ def flat_state(model) -> dict[str, nnx.Variable]:
     return {".".join(str(p) for p in path): v for path, v in nnx.to_flat_state(state)}
 
 
-def load_weights(model, reader: TensorReader, *, dtype=None):
-    """Fill `model` (concrete or abstract) from HF tensors; returns the model."""
+def load_weights(model, reader, *, dtype=None, select: Callable[[Row], bool] | None = None):
+    """Fill `model` (concrete or abstract) from HF tensors; returns the model.
+
+    `select` loads a subset of the table (e.g. only the LLM) into a concrete model
+    and ignores tensors outside it; without it every row must be present and
+    every tensor used.
+    """
     cfg = model.cfg
     rows = param_table(cfg)
     ours = flat_state(model)
@@ -124,6 +145,8 @@ def load_weights(model, reader: TensorReader, *, dtype=None):
     stray = sorted(set(ours) - table_paths)
     if stray:
         raise CheckpointError(f"parameters with no mapping row: {stray}")
+    if select is not None:
+        rows = [r for r in rows if select(r)]
 
     def per_layer(r):
         shp = ours[r.ours].get_value().shape
@@ -131,6 +154,8 @@ def load_weights(model, reader: TensorReader, *, dtype=None):
         return hf_shape(r, shp, cfg)
 
     problems = check_names(rows, reader.keys(), reader.shape, per_layer)
+    if select is not None:
+        problems = [p for p in problems if not p.startswith("unexpected")]
     if problems:
         raise CheckpointError(f"{reader.folder}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
     for r in rows:
