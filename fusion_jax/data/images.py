@@ -114,8 +114,8 @@ def static_hd_crops_uint8(img: Image.Image, size: int) -> np.ndarray:
 
 def normalize_crops(crops_u8: np.ndarray) -> np.ndarray:
     """[..., S, S, 3] uint8 -> [..., 3, S, S] float32, rescale 1/255 then mean/std 0.5."""
-    x = NORM_LUT[crops_u8]
-    return np.ascontiguousarray(np.moveaxis(x, -1, -3))
+    # take() over the channel-first view writes a contiguous result in one pass (2x faster).
+    return NORM_LUT.take(np.moveaxis(crops_u8, -1, -3))
 
 
 def static_hd_crops(img: Image.Image, size: int) -> np.ndarray:
