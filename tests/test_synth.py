@@ -64,6 +64,16 @@ def test_byte_identical_across_runs_and_workers(tmp_path):
     assert da == db
     assert da == dc
     assert any(k.endswith(".png") for k in da)
+    # the spawn start method (used when JAX is loaded in the parent) gives the same bytes
+    from fusion_jax.synth import engine
+    e = str(tmp_path / "e")
+    orig = engine._start_method
+    engine._start_method = lambda: "spawn"
+    try:
+        generate_dataset(e, workers=2, **kw)
+    finally:
+        engine._start_method = orig
+    assert tree_digest(e) == da
     # a different seed gives a different set
     d = str(tmp_path / "d")
     generate_dataset(d, **{**kw, "seed": 12})

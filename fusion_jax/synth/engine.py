@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 import os
+import sys
 from typing import Optional, Sequence
 
 from .pipeline import SynthConfig, SynthPipeline, encode_sample
@@ -87,8 +88,7 @@ def generate_dataset(out_dir: str, num: int, seed: int = 0, *, kinds: Optional[S
             results = map(_work, tasks)
             _consume(results, writer, bar)
         else:
-            # spawn: safe when the parent has JAX (threads) loaded; results arrive in task order
-            ctx = mp.get_context("spawn")
+            ctx = mp.get_context(_start_method())
             chunk = max(1, min(32, len(tasks) // (workers * 8) or 1))
             with ctx.Pool(int(workers), initializer=_init_worker, initargs=(pipeline,)) as pool:
                 _consume(pool.imap(_work, tasks, chunksize=chunk), writer, bar)
@@ -99,6 +99,14 @@ def generate_dataset(out_dir: str, num: int, seed: int = 0, *, kinds: Optional[S
     summary["args"] = args
     write_summary(out_dir, summary)
     return {**summary, "cached": False}
+
+
+def _start_method() -> str:
+    """fork is fast and works from any __main__ (stdin, notebooks); but forking a process that
+    has JAX (threads) loaded can deadlock, so then spawn (needs an importable __main__)."""
+    if "fork" in mp.get_all_start_methods() and "jax" not in sys.modules:
+        return "fork"
+    return "spawn"
 
 
 def _consume(results, writer: DatasetWriter, bar):
