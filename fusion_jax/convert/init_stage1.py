@@ -23,7 +23,7 @@ from fusion_jax.convert import orbax_io as oio
 from fusion_jax.convert.hf_export import (_cast, _is_float, check_table, our_shapes, per_layer_shape,
                                           synth_hf_config, vision_hf_config)
 from fusion_jax.convert.st_io import CheckpointError, SafeReader, np_dtype
-from fusion_jax.convert.util import TOKENIZER_FILES, progress, staged_dir, tokenizer_files
+from fusion_jax.convert.util import has_tokenizer, progress, staged_dir, tokenizer_files
 from fusion_jax.param_map import VT, param_table, to_ours
 
 FAMILIES = {"phi3": "phi3", "llama": "llama", "qwen2": "qwen2"}
@@ -110,6 +110,8 @@ def extend_tokenizer(llm_dir: str, out_dir: str, log=print):
             with open(tc, "w") as f:
                 json.dump(d, f, indent=2, ensure_ascii=False)
         return n0, [tok.token_to_id(t) for t in NEW_TOKENS]
+    if not has_tokenizer(llm_dir):
+        return None, None
     if files:  # slow-only tokenizer (e.g. tokenizer.model): use transformers as the reference does
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(llm_dir, use_fast=False)
@@ -200,10 +202,13 @@ def init_stage1(vision_dir: str, llm_dir: str, dst: str, *, config=None, dtype=N
         L = vcfg.num_hidden_layers
         src = {}
         dropped_v, dropped_l = [], []
-        for n in vreader.keys():
+        for n0 in vreader.keys():
+            # SiglipVisionModel saved by transformers 5 has no `vision_model.` prefix
+            n = f"vision_model.{n0}" if n0.startswith(("embeddings.", "encoder.", "post_layernorm.",
+                                                          "head.")) else n0
             if n.startswith("vision_model.") and not (
                     n.startswith("vision_model.head.") or n.startswith(f"vision_model.encoder.layers.{L - 1}.")):
-                src[f"{VT}.{n[len('vision_model.'):]}"] = (vreader, n)
+                src[f"{VT}.{n[len('vision_model.'):]}"] = (vreader, n0)
             else:
                 dropped_v.append(n)
         for n in lreader.keys():
@@ -229,7 +234,7 @@ def init_stage1(vision_dir: str, llm_dir: str, dst: str, *, config=None, dtype=N
             raise CheckpointError(f"init: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
 
         fresh = fresh_params(cfg, [r.ours for r in fresh_rows], seed)
-        total = sum(vreader.nbytes(n) for n in vreader.keys() if n not in dropped_v)
+        total = sum(rd.nbytes(sn) for rd, sn in src.values() if rd is vreader)
         total += lreader.total_bytes + sum(a.nbytes for a in fresh.values())
         w = oio.ParamWriter(tmp)
         with progress(total, "init") as bar:

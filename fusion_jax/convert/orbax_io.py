@@ -86,7 +86,7 @@ class ParamWriter:
                 "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
                 "fill_value": 0, "node_type": "array",
             },
-            "create": True, "delete_existing": True,
+            "create": True, "delete_existing": True, "store_data_equal_to_fill_value": True,
         }
         self.meta[name] = (list(shape), [max(c, 1) for c in chunk])
         return self.ts.open(spec, context=self.ctx).result()

@@ -46,6 +46,13 @@ def progress(total_bytes: int, desc: str):
                 disable=os.environ.get("FUSION_NO_PROGRESS") == "1")
 
 
+CORE_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def has_tokenizer(folder: str) -> bool:
+    return any(f in CORE_TOKENIZER_FILES for f in tokenizer_files(folder))
+
+
 def tokenizer_files(folder: str) -> list[str]:
     if not folder or not os.path.isdir(folder):
         return []
