@@ -85,25 +85,40 @@ def _pick(logits, rng, temperature, top_k, top_p):
     return jax.random.categorical(rng, lg, -1).astype(jnp.int32)
 
 
-@partial(nnx.jit, static_argnames=("max_new_tokens", "temperature", "top_k", "top_p", "eos_ids",
-                                   "pad_id", "return_logits"))
+MAX_EOS = 8
+
+
 def generate(model, batch, *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, eos_ids: tuple = (), pad_id: int = 0, rng=None,
+             top_p: float = 1.0, eos_ids=(), pad_id: int = 0, rng=None,
              return_logits: bool = False):
     """Greedy / sampled generation for a laid-out inference batch (`layout_padded`).
 
     The batch may use either instruct convention (it only changes instruct_pos/latent_pos).
     temperature <= 0 is greedy; otherwise top_k (0 = off) then top_p (1 = off) filtering
-    and sampling from `rng`. Compiles once per (shapes, static args); the decode loop is a
+    and sampling from `rng`. eos_ids is data (up to 8 ids), not a compile-time constant.
+    Compiles once per (shapes, max_new_tokens, sampling mode); the decode loop is a
     `lax.while_loop` that stops when every sample has emitted an eos id.
 
-    Returns dict(tokens [B, N] (pad after eos), num_tokens [B], step_logits [N, B, V]).
+    Returns dict(tokens [B, N] (pad after eos), num_tokens [B] (eos included),
+    step_logits [N, B, V] when return_logits).
     """
-    TRACES["generate"] += 1
+    eos = [int(e) for e in (eos_ids if isinstance(eos_ids, (tuple, list)) else [eos_ids])]
+    if len(eos) > MAX_EOS:
+        raise ValueError(f"at most {MAX_EOS} eos ids, got {len(eos)}")
+    eos = jnp.asarray(eos + [-1] * (MAX_EOS - len(eos)), jnp.int32)
     rng = jax.random.PRNGKey(0) if rng is None else rng
+    return _generate(model, batch, eos, rng, max_new_tokens=int(max_new_tokens),
+                     temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                     pad_id=int(pad_id), return_logits=bool(return_logits))
+
+
+@partial(nnx.jit, static_argnames=("max_new_tokens", "temperature", "top_k", "top_p", "pad_id",
+                                   "return_logits"))
+def _generate(model, batch, eos, rng, *, max_new_tokens, temperature, top_k, top_p, pad_id,
+              return_logits):
+    TRACES["generate"] += 1
     logits, cache, kv_mask, lengths = prefill(model, batch, max_new_tokens)
     B, V = logits.shape
-    eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
     toks = jnp.full((B, max_new_tokens), pad_id, jnp.int32)
     step_logits = jnp.zeros((max_new_tokens if return_logits else 0, B, V), jnp.float32)
 
