@@ -1,0 +1,7 @@
+"""FUSION 3b (phi35) stage1_5: the reference recipe (scripts/train/fusion_3b_stage1.5.sh).
+Set --config.data.path / image_folder / tokenizer and --config.init_from (previous stage)."""
+from fusion_jax.train.presets import stage_config
+
+
+def get_config():
+    return stage_config("3b", "stage1_5", x=False)

@@ -1,0 +1,215 @@
+"""Checkpoints: Orbax CheckpointManager (async, keep-N) under WORKDIR/checkpoints/<step>.
+
+Each step directory holds the items
+    params/                 model parameters (PyTree, zarr3, no OCDBT: the converter's format)
+    train/                  optimizer state, step and RNG key
+    data/                   data-iterator state, one JSON file per process (grain's handler)
+    meta/                   JSON: step, train config, model config
+and, once finalized, `fusion_config.json` and `tokenizer/`, so a step directory is also a
+converted Orbax model folder: `fusion_jax.from_pretrained(step_dir)` and `--config.init_from`
+both accept it.
+
+For evaluation: `load_params(workdir_or_step_dir) -> (model, cfg, tokenizer_dir)`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+CONFIG = "fusion_config.json"
+TOKENIZER = "tokenizer"
+CKPT_DIR = "checkpoints"
+
+
+class _StateBox:
+    """A data-iterator state snapshot in the shape grain's CheckpointHandler expects."""
+
+    def __init__(self, state: Any = None):
+        self.state = state
+
+    def get_state(self) -> bytes:
+        return json.dumps(self.state, indent=1).encode()
+
+    def set_state(self, state: bytes):
+        self.state = json.loads(state.decode() if isinstance(state, bytes) else state)
+
+    def start_prefetch(self):
+        pass
+
+
+def _handlers():
+    import grain
+    return {
+        "params": ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=True),
+        "train": ocp.StandardCheckpointHandler(),
+        "data": grain.checkpoint.CheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler(),
+    }
+
+
+class Checkpointer:
+    """Thin wrapper over ocp.CheckpointManager with the FUSION train-state layout."""
+
+    def __init__(self, workdir: str, *, keep: int = 3, every: int = 1000, async_save: bool = True,
+                 model_config_json: str | None = None, tokenizer_dir: str | None = None):
+        self.workdir = os.path.abspath(workdir)
+        self.directory = os.path.join(self.workdir, CKPT_DIR)
+        self.model_config_json = model_config_json
+        self.tokenizer_dir = tokenizer_dir
+        opts = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=max(1, every),
+                                            enable_async_checkpointing=async_save, create=True)
+        self.mngr = ocp.CheckpointManager(self.directory, options=opts, item_handlers=_handlers())
+
+    # ---------------------------------------------------------------- save
+    def save(self, step: int, state: dict, data_state: Any, meta: dict, *, force: bool = False) -> bool:
+        args = ocp.args.Composite(
+            params=ocp.args.PyTreeSave(state["params"]),
+            train=ocp.args.StandardSave({k: state[k] for k in ("opt_state", "step", "rng")}),
+            data=_grain_save(_StateBox(data_state)),
+            meta=ocp.args.JsonSave({**meta, "step": int(step)}),
+        )
+        saved = self.mngr.save(int(step), args=args, force=force)
+        self.finalize_dirs()
+        return saved
+
+    def should_save(self, step: int) -> bool:
+        return self.mngr.should_save(int(step))
+
+    def wait(self):
+        self.mngr.wait_until_finished()
+        self.finalize_dirs()
+
+    def finalize_dirs(self):
+        """Write fusion_config.json + tokenizer/ into finished step dirs (process 0 only)."""
+        if jax.process_index() != 0 or not self.model_config_json:
+            return
+        for s in self.mngr.all_steps():
+            d = step_dir(self.directory, s)
+            if not os.path.isdir(d) or os.path.isfile(os.path.join(d, CONFIG)):
+                continue
+            if self.tokenizer_dir and os.path.isdir(self.tokenizer_dir):
+                shutil.copytree(self.tokenizer_dir, os.path.join(d, TOKENIZER), dirs_exist_ok=True)
+            tmp = os.path.join(d, CONFIG + ".tmp")
+            with open(tmp, "w") as f:
+                f.write(self.model_config_json)
+            os.replace(tmp, os.path.join(d, CONFIG))
+
+    # ---------------------------------------------------------------- restore
+    def latest_step(self) -> int | None:
+        return self.mngr.latest_step()
+
+    def restore(self, step: int, abstract_state: dict):
+        """(state, data_state, meta) with arrays placed on the shardings of `abstract_state`
+        (a tree of jax.ShapeDtypeStruct carrying .sharding)."""
+        p_abs = abstract_state["params"]
+        t_abs = {k: abstract_state[k] for k in ("opt_state", "step", "rng")}
+        box = _StateBox()
+        out = self.mngr.restore(int(step), args=ocp.args.Composite(
+            params=ocp.args.PyTreeRestore(item=p_abs, restore_args=_restore_args(p_abs)),
+            train=ocp.args.StandardRestore(t_abs),
+            data=_grain_restore(box),
+            meta=ocp.args.JsonRestore(),
+        ))
+        state = {"params": out["params"], **out["train"]}
+        return state, box.state, out["meta"]
+
+    def close(self):
+        self.wait()
+        self.mngr.close()
+
+
+def _grain_save(item):
+    import grain
+    return grain.checkpoint.CheckpointSave(item)
+
+
+def _grain_restore(item):
+    import grain
+    return grain.checkpoint.CheckpointRestore(item)
+
+
+def _restore_args(abstract):
+    return jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=getattr(s, "sharding", None),
+                                                       dtype=s.dtype, global_shape=s.shape), abstract)
+
+
+def step_dir(ckpt_dir: str, step: int) -> str:
+    return os.path.join(ckpt_dir, str(int(step)))
+
+
+def resolve_step_dir(path: str) -> str:
+    """A workdir (-> its latest checkpoint), a checkpoints/ dir, or a step dir -> the step dir."""
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, "params")):
+        return path
+    for d in (os.path.join(path, CKPT_DIR), path):
+        if os.path.isdir(d):
+            steps = sorted(int(n) for n in os.listdir(d)
+                           if re.fullmatch(r"\d+", n) and os.path.isdir(os.path.join(d, n, "params")))
+            if steps:
+                return step_dir(d, steps[-1])
+    raise FileNotFoundError(f"{path}: no checkpoint (expected WORKDIR/checkpoints/<step>/params)")
+
+
+def read_model_config(step_path: str):
+    """FusionConfig of a step dir: its fusion_config.json, else meta/, else the workdir's."""
+    from fusion_jax.config import FusionConfig
+    cands = [os.path.join(step_path, CONFIG),
+             os.path.join(os.path.dirname(os.path.dirname(step_path)), CONFIG)]
+    for c in cands:
+        if os.path.isfile(c):
+            with open(c) as f:
+                return FusionConfig.from_dict(json.load(f))
+    meta = os.path.join(step_path, "meta", "metadata")
+    if os.path.isfile(meta):
+        with open(meta) as f:
+            return FusionConfig.from_dict(json.load(f)["model_config"])
+    raise FileNotFoundError(f"{step_path}: no {CONFIG}")
+
+
+def tokenizer_dir_of(step_path: str) -> str | None:
+    for c in (os.path.join(step_path, TOKENIZER),
+              os.path.join(os.path.dirname(os.path.dirname(step_path)), TOKENIZER)):
+        if os.path.isfile(os.path.join(c, "tokenizer.json")):
+            return c
+    return None
+
+
+def restore_params_tree(step_path: str, abstract_params: dict) -> dict:
+    """Only the params item of a step dir, onto the shardings carried by `abstract_params`."""
+    ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=True))
+    return ckptr.restore(os.path.join(step_path, "params"),
+                         args=ocp.args.PyTreeRestore(item=abstract_params,
+                                                     restore_args=_restore_args(abstract_params)))
+
+
+def load_params(path: str, *, mesh=None, dtype: str | None = None, **overrides):
+    """(model, cfg, tokenizer_dir) from a train workdir (latest step) or a step directory.
+
+    The model is a concrete `FusionForCausalLM` (replicated on `mesh` when given, else on the
+    default device); `cfg` its FusionConfig (with `overrides` applied, e.g. compute_dtype);
+    `tokenizer_dir` the tokenizer folder saved with the run (None if there is none).
+    """
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+    from fusion_jax.train.step import abstract_model
+    sd = resolve_step_dir(path)
+    cfg = read_model_config(sd)
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    model = abstract_model(cfg)
+    graphdef, state = nnx.split(model)
+    pure = state.to_pure_dict()
+    sh = (NamedSharding(mesh, PartitionSpec()) if mesh is not None
+          else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.dtype(dtype) if dtype else a.dtype,
+                                                           sharding=sh), pure)
+    params = restore_params_tree(sd, abstract)
+    return nnx.merge(graphdef, params), cfg, tokenizer_dir_of(sd)

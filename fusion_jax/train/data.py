@@ -1,0 +1,107 @@
+"""Training data: the grain pipeline for a config, and the offline synthesized set for `tiny`.
+
+`prepare_synth(workdir, dc)` synthesizes the set (cached in WORKDIR/data) and trains a byte-level
+BPE tokenizer on its text (saved in WORKDIR/tokenizer, which evaluation reuses).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+
+from fusion_jax.data.testing import SPECIAL
+
+
+def _synth_texts(data_dir: str):
+    for fp in sorted(glob.glob(os.path.join(data_dir, "train", "*.json"))):
+        with open(fp) as f:
+            for rec in json.load(f):
+                for turn in rec["conversations"]:
+                    yield turn["value"].replace("<image>", "")
+    qf = os.path.join(data_dir, "eval", "questions.jsonl")
+    if os.path.isfile(qf):
+        with open(qf) as f:
+            for line in f:
+                yield json.loads(line)["text"]
+
+
+def train_tokenizer(data_dir: str, out: str, vocab_size: int = 512) -> str:
+    """Byte-level BPE over the synthesized texts, saved as an HF tokenizer folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_synth_texts(data_dir), trainer=trainer)
+    tmp = out + ".tmp"
+    os.makedirs(tmp, exist_ok=True)
+    tok.save(os.path.join(tmp, "tokenizer.json"))
+    cfg = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>",
+           "add_bos_token": True, "add_eos_token": False, "model_max_length": 4096}
+    with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f)
+    with open(os.path.join(tmp, "special_tokens_map.json"), "w") as f:
+        json.dump({k: cfg[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}, f)
+    if os.path.isdir(out):
+        import shutil
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def prepare_synth(workdir: str, dc, log=print) -> tuple[str, str, str]:
+    """(mixture_yaml, image_folder, tokenizer_dir) of the synthesized set for config.data `dc`.
+
+    Process 0 synthesizes; with several processes the others wait on a marker file.
+    """
+    import jax
+    data_dir = os.path.join(workdir, "data")
+    tok_dir = os.path.join(workdir, "tokenizer")
+    if jax.process_index() == 0:
+        from fusion_jax.synth import generate_dataset
+        s = generate_dataset(data_dir, int(dc.synth_num), int(dc.synth_seed), image_size=int(dc.synth_image_size),
+                             workers=int(dc.synth_workers), heldout_fraction=float(dc.synth_heldout_fraction),
+                             difficulty=str(dc.synth_difficulty),
+                             kinds=list(dc.synth_kinds) if dc.synth_kinds else None,
+                             progress=bool(dc.get("synth_progress", False)))
+        log(f"synth data: {data_dir} ({'cached' if s.get('cached') else 'generated'})")
+        if not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
+            train_tokenizer(data_dir, tok_dir, int(dc.tokenizer_vocab_size))
+            log(f"tokenizer: trained on the synthesized text -> {tok_dir}")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("fusion_synth_ready")
+    return os.path.join(data_dir, "mixture.yaml"), data_dir, tok_dir
+
+
+def build_iterator(dc, model_cfg, tokenizer, *, per_process_batch: int, seed: int):
+    """The grain pipeline (fusion_jax.data.pipeline) as a checkpointable iterator of numpy batches."""
+    from fusion_jax.data.pipeline import DataIterator, PipelineConfig, build_dataset, open_source
+    from fusion_jax.data.sample import SampleConfig, SampleProcessor
+    scfg = SampleConfig(template=dc.template, image_size=model_cfg.vision.image_size,
+                        num_image_tokens=model_cfg.num_image_tokens, max_length=int(dc.max_length),
+                        query_lens=tuple(model_cfg.query_len), max_questions=int(dc.max_questions),
+                        max_instruct_len=int(dc.max_instruct_len))
+    proc = SampleProcessor(tokenizer, scfg, image_folder=dc.image_folder or None)
+    src = open_source(dc.path, image_folder=dc.image_folder or None, seed=seed)
+    pcfg = PipelineConfig(batch_size=per_process_batch, seed=seed, order=dc.order,
+                          seq_buckets=tuple(dc.seq_buckets),
+                          instruct_buckets=tuple(dc.instruct_buckets) if dc.instruct_buckets else None,
+                          worker_count=int(dc.worker_count))
+    return DataIterator(build_dataset(src, proc, pcfg))
+
+
+def to_device_batch(batch: dict, mesh) -> dict:
+    """Host-local numpy batch -> global arrays sharded over data x fsdp (model keys only)."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from fusion_jax.train.step import BATCH_AXES, BATCH_KEYS
+    out = {}
+    for k in BATCH_KEYS:
+        v = np.asarray(batch[k])
+        sh = NamedSharding(mesh, P(BATCH_AXES, *([None] * (v.ndim - 1))))
+        out[k] = jax.make_array_from_process_local_data(sh, v)
+    return out

@@ -1,0 +1,162 @@
+"""Model presets and the ml_collections train configs (configs/*.py are thin wrappers).
+
+Recipe (reference scripts/train/*.sh, 32 GPUs): stage 1: lr 2e-5 (vision tower same), global
+batch 256 (8 x 1 x 32), max len 2048; stage 1.5: lr 2e-5 / vision 2e-6, global 128 (2 x 2 x 32),
+len 4096; stage 2: lr 1e-5 / vision 1e-6, global 128 (3B: 2 x 2 x 32, 8B: 4 x 1 x 32), len 4096.
+All: AdamW, weight decay 0, warmup 3% then cosine, max grad norm 1.0 (HF default), bf16,
+gradient checkpointing, one epoch, full fine-tuning with the vision tower unfrozen.
+"""
+from __future__ import annotations
+
+import ml_collections as mlc
+
+from fusion_jax.config import KNOWN_TOWERS, FusionConfig, LLMConfig, tiny_config
+
+# Vocab = the base tokenizer's length + <vision_start>, <vision_end> (initialize_vision_tokenizer
+# resizes the embeddings to len(tokenizer)): Phi-3.5-mini 32011 + 2, Llama-3.1 128256 + 2.
+PHI35_VOCAB = 32011 + 2
+LLAMA31_VOCAB = 128256 + 2
+
+PHI35_ROPE = None  # the real long-rope factors come with --config.init_from (fusion_config.json)
+LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+
+
+def model_preset(name: str, tower: str = "siglip-so400m-patch14-384") -> FusionConfig:
+    if name.startswith("tiny"):
+        return tiny_config("phi3")
+    if tower not in KNOWN_TOWERS:
+        raise ValueError(f"config.model.vision_tower={tower!r}: expected one of {sorted(KNOWN_TOWERS)}")
+    vision = KNOWN_TOWERS[tower]
+    if name == "phi35_3b":
+        llm = LLMConfig(family="phi3", vocab_size=PHI35_VOCAB, hidden_size=3072, intermediate_size=8192,
+                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                        rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=PHI35_ROPE,
+                        max_position_embeddings=131072, original_max_position_embeddings=4096,
+                        bos_token_id=1, eos_token_id=32000, pad_token_id=32000)
+    elif name == "llama31_8b":
+        llm = LLMConfig(family="llama", vocab_size=LLAMA31_VOCAB, hidden_size=4096, intermediate_size=14336,
+                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                        rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=LLAMA31_ROPE,
+                        max_position_embeddings=131072, bos_token_id=128000,
+                        eos_token_id=(128001, 128008, 128009), pad_token_id=None)
+    else:
+        raise ValueError(f"config.model.preset={name!r}: expected tiny | phi35_3b | llama31_8b")
+    return FusionConfig(llm=llm, vision=vision, mm_vision_tower=f"google/{tower}")
+
+
+def base_config() -> mlc.ConfigDict:
+    c = mlc.ConfigDict()
+    c.seed = 0
+    c.total_steps = -1            # -1: one epoch of the data (global batches)
+    c.log_every = 10
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 1
+    c.async_checkpoint = True
+    c.init_from = ""              # converted Orbax folder, HF folder, or a train workdir / step dir
+    c.mesh = (-1, 1, 1)           # (data, fsdp, tensor); -1 fills
+    c.global_batch_size = 256
+    c.grad_accum = 1
+    c.tensorboard = True
+    c.stop_after = -1             # stop (with a checkpoint) after this many steps of this run; testing
+    c.optim = mlc.ConfigDict(dict(
+        lr=2e-5, vision_lr=mlc.FieldReference(None, field_type=float), warmup_ratio=0.03,
+        schedule="cosine", weight_decay=0.0, grad_clip=1.0, b1=0.9, b2=0.999, eps=1e-8, freeze=""))
+    c.model = mlc.ConfigDict(dict(
+        preset="phi35_3b", vision_tower="siglip-so400m-patch14-384",
+        compute_dtype="bfloat16", param_dtype="float32", scan_layers=True,
+        remat_policy="full",                      # decoder layers
+        vision_remat_policy="full",               # vision tower layers
+        use_tune=True, use_card=True, use_dsm=True, query_len="4,16,36,64,144",
+        early_mask_mode="reference"))
+    c.data = mlc.ConfigDict(dict(
+        source="path",            # "path" (JSON/YAML mixture or prepared dir) | "synth"
+        path="", image_folder="", tokenizer="", template="phi_3",
+        max_length=2048, max_questions=16, max_instruct_len=512,
+        seq_buckets=(1024, 2048), instruct_buckets=(), order="length_grouped", worker_count=4,
+        synth_num=0, synth_seed=0, synth_image_size=384, synth_workers=1, synth_heldout_fraction=0.1,
+        synth_difficulty="full", synth_kinds=(), tokenizer_vocab_size=512, synth_progress=False))
+    return c
+
+
+STAGES = {
+    # stage: (lr, vision_lr, global batch, grad accum {3b, 8b}, max len, yaml)
+    "stage1": (2e-5, None, 256, {"3b": 1, "8b": 1}, 2048, "stage1.yaml"),
+    "stage1_5": (2e-5, 2e-6, 128, {"3b": 2, "8b": 2}, 4096, "stage1.5.yaml"),
+    "stage2": (1e-5, 1e-6, 128, {"3b": 2, "8b": 1}, 4096, "stage2.yaml"),
+}
+
+
+def stage_config(size: str, stage: str, x: bool = False) -> mlc.ConfigDict:
+    """`size` '3b' (Phi-3.5-mini) or '8b' (Llama-3.1-8B); `x`: FUSION-X (siglip2-giant tower)."""
+    c = base_config()
+    lr, vlr, gb, acc, max_len, yaml = STAGES[stage]
+    c.optim.lr = lr
+    c.optim.vision_lr = vlr
+    c.global_batch_size = gb
+    c.grad_accum = acc[size]
+    c.model.preset = "phi35_3b" if size == "3b" else "llama31_8b"
+    c.model.vision_tower = "siglip2-giant-opt-patch16-384" if x else "siglip-so400m-patch14-384"
+    c.data.template = "phi_3" if size == "3b" else "llama_3"
+    c.data.max_length = max_len
+    c.data.seq_buckets = (1024, 2048) if max_len == 2048 else (1024, 2048, 3072, 4096)
+    c.data.path = f"playground/train/yaml/{yaml}"
+    c.data.image_folder = "playground/train/images"
+    c.checkpoint_every = 1000
+    return c
+
+
+def tiny_train_config(**model_overrides) -> mlc.ConfigDict:
+    """CPU, offline: synthesized data, a tiny model; trains in a few minutes on 2 cores."""
+    c = base_config()
+    c.total_steps = 600
+    c.log_every = 25
+    c.checkpoint_every = 200
+    c.keep_checkpoints = 2
+    c.global_batch_size = 16
+    c.optim.lr = 2e-3
+    c.optim.vision_lr = 2e-3
+    c.optim.warmup_ratio = 0.03
+    c.model.preset = "tiny"
+    c.model.compute_dtype = "float32"
+    c.model.remat_policy = "none"
+    c.model.vision_remat_policy = "none"
+    c.model.query_len = "4"
+    c.model.update(model_overrides)
+    c.model.tiny = mlc.ConfigDict(dict(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+        vision_hidden_size=64, vision_intermediate_size=128, vision_layers=5, vision_heads=4,
+        image_size=32, patch_size=4, num_sampler_layers=2, sampler_stride=2, sampler_heads=4))
+    c.data.source = "synth"
+    c.data.template = "phi_3"
+    c.data.max_length = 192
+    c.data.seq_buckets = (192,)
+    c.data.instruct_buckets = (64,)
+    c.data.max_instruct_len = 64
+    c.data.max_questions = 2
+    c.data.order = "shuffle"
+    c.data.worker_count = 0
+    c.data.synth_num = 6000
+    c.data.synth_image_size = 64
+    c.data.synth_workers = 2
+    c.data.synth_difficulty = "easy"
+    c.data.tokenizer_vocab_size = 384
+    return c
+
+
+def tiny_model_config(tc, vocab_size: int) -> FusionConfig:
+    """The tiny FusionConfig from config.model.tiny and the tokenizer's vocab size."""
+    import dataclasses
+    t = tc.model.tiny
+    base = tiny_config("phi3")
+    llm = dataclasses.replace(base.llm, vocab_size=int(vocab_size), hidden_size=t.hidden_size,
+                              intermediate_size=t.intermediate_size, num_hidden_layers=t.num_hidden_layers,
+                              num_attention_heads=t.num_attention_heads,
+                              num_key_value_heads=t.num_attention_heads, rope_scaling=None,
+                              max_position_embeddings=4096, original_max_position_embeddings=None)
+    vision = dataclasses.replace(base.vision, hidden_size=t.vision_hidden_size,
+                                 intermediate_size=t.vision_intermediate_size,
+                                 num_hidden_layers=t.vision_layers, num_attention_heads=t.vision_heads,
+                                 image_size=t.image_size, patch_size=t.patch_size)
+    return base.replace(llm=llm, vision=vision, num_sampler_layers=t.num_sampler_layers,
+                        sampler_stride=t.sampler_stride, sampler_heads=t.sampler_heads)

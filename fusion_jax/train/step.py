@@ -1,0 +1,247 @@
+"""The train step: one pure, jittable `train_step(state, batch) -> (state, metrics)`.
+
+State is a plain pytree (so Orbax, `jax.eval_shape` and AOT lowering all see the same thing):
+
+    {"params": pure dict of fp32 (param_dtype) arrays, "opt_state": optax state,
+     "step": int32 scalar, "rng": uint32[2] key}
+
+Gradient accumulation: the global batch [A*B, ...] is split into A interleaved micro-batches
+(rows i, i+A, ...; keeps each device's rows local) and scanned. Every loss term is weighted by its
+share of the global element count (targets for CE, valid instruct tokens and image tokens for
+DSM), so A micro-batches give the same gradient as the one big batch.
+
+AOT: `jax.jit` with explicit in/out shardings; `lower_train_step` lowers it from abstract args.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from fusion_jax.config import FusionConfig
+from fusion_jax.constants import IGNORE_INDEX
+from fusion_jax.sharding import state_shardings as nnx_state_shardings
+
+# Batch entries the model reads (the pipeline also yields ids / query_len / skip counts).
+BATCH_KEYS = ("token_ids", "labels", "attention_mask", "position_ids", "image_pos", "latent_pos",
+              "instruct_pos", "has_image", "instructs", "instruct_mask", "images")
+BATCH_NDIM = {"token_ids": 2, "labels": 2, "attention_mask": 2, "position_ids": 2, "image_pos": 2,
+              "latent_pos": 2, "instruct_pos": 2, "has_image": 1, "instructs": 2,
+              "instruct_mask": 2, "images": 5}
+BATCH_AXES = ("data", "fsdp")
+
+
+# ----------------------------------------------------------------------------- model / state
+
+def build_model(cfg: FusionConfig, seed: int = 0, *, vision_remat_policy: str | None = None):
+    """FusionForCausalLM with an optional separate remat policy for the vision tower."""
+    from fusion_jax.model import FusionForCausalLM
+    model = FusionForCausalLM(cfg, rngs=nnx.Rngs(seed))
+    if vision_remat_policy is not None:
+        model.model.vision_tower.remat_policy = vision_remat_policy
+    return model
+
+
+def set_vision_remat(model, policy: str | None):
+    if policy is not None:
+        model.model.vision_tower.remat_policy = policy
+    return model
+
+
+def abstract_model(cfg: FusionConfig, *, vision_remat_policy: str | None = None):
+    return nnx.eval_shape(lambda: build_model(cfg, 0, vision_remat_policy=vision_remat_policy))
+
+
+def split_model(model):
+    """(graphdef, params pure dict, param shardings-ready nnx.State)."""
+    graphdef, state = nnx.split(model)
+    return graphdef, state.to_pure_dict(), state
+
+
+def param_shardings(nnx_state, mesh) -> dict:
+    """Pure-dict tree of NamedShardings from the logical rules."""
+    sh = nnx_state_shardings(nnx_state, mesh)
+    return jax.tree.map(lambda v: v.get_value() if isinstance(v, nnx.Variable) else v,
+                        nnx.State(sh).to_pure_dict() if not isinstance(sh, dict) else sh,
+                        is_leaf=lambda x: isinstance(x, (nnx.Variable, NamedSharding)))
+
+
+def _names(path) -> tuple:
+    return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def opt_state_shardings(abstract_opt_state, params_sharding: dict, mesh):
+    """Optimizer leaves that mirror a parameter (Adam mu/nu) take its sharding; the rest replicate."""
+    table = {_names(p): s for p, s in jax.tree_util.tree_flatten_with_path(params_sharding)[0]}
+    rep = NamedSharding(mesh, P())
+
+    def one(path, leaf):
+        names = _names(path)
+        for i in range(len(names)):
+            s = table.get(names[i:])
+            if s is not None and len(s.spec) <= len(getattr(leaf, "shape", ())):
+                return s
+        return rep
+
+    return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
+
+
+def train_state_shardings(abstract_state: dict, params_sharding: dict, mesh) -> dict:
+    rep = NamedSharding(mesh, P())
+    return {"params": params_sharding,
+            "opt_state": opt_state_shardings(abstract_state["opt_state"], params_sharding, mesh),
+            "step": rep, "rng": rep}
+
+
+def init_train_state(params: dict, tx, seed: int) -> dict:
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.PRNGKey(seed)}
+
+
+def abstract_train_state(abstract_params: dict, tx) -> dict:
+    return jax.eval_shape(lambda p: init_train_state(p, tx, 0), abstract_params)
+
+
+def batch_shardings(mesh, keys=BATCH_KEYS) -> dict:
+    return {k: NamedSharding(mesh, P(BATCH_AXES, *([None] * (BATCH_NDIM[k] - 1)))) for k in keys}
+
+
+def abstract_batch(cfg: FusionConfig, batch_size: int, seq_len: int, query_len: int,
+                   instruct_len: int = 64, max_questions: int = 16) -> dict:
+    """ShapeDtypeStructs of one bucket's batch (for AOT lowering and FLOP counting)."""
+    P_ = cfg.vision.num_patches if not cfg.image_token_grid else cfg.num_image_tokens
+    S, B, s = seq_len, batch_size, cfg.vision.image_size
+    sds = jax.ShapeDtypeStruct
+    return {"token_ids": sds((B, S), jnp.int32), "labels": sds((B, S), jnp.int32),
+            "attention_mask": sds((B, S), jnp.bool_), "position_ids": sds((B, S), jnp.int32),
+            "image_pos": sds((B, P_), jnp.int32), "latent_pos": sds((B, max_questions * query_len), jnp.int32),
+            "instruct_pos": sds((B, max_questions), jnp.int32), "has_image": sds((B,), jnp.bool_),
+            "instructs": sds((B, instruct_len), jnp.int32), "instruct_mask": sds((B, instruct_len), jnp.bool_),
+            "images": sds((B, 5, 3, s, s), jnp.float32)}
+
+
+def model_batch(batch: dict) -> dict:
+    """Only the arrays the model reads (drops ids, query_len, skip counts)."""
+    return {k: batch[k] for k in BATCH_KEYS if k in batch}
+
+
+# ----------------------------------------------------------------------------- loss
+
+def loss_weights(cfg: FusionConfig, batch: dict) -> dict:
+    """Global element counts of the three loss terms (data-only, no gradient)."""
+    tg = batch["labels"][:, 1:]
+    n_ce = jnp.sum(tg != IGNORE_INDEX).astype(jnp.float32)
+    n_ins = jnp.sum(batch["instruct_mask"]).astype(jnp.float32)
+    n_vis = jnp.float32(batch["images"].shape[0])  # per-sample mean over P tokens, then over samples
+    return {"ce": n_ce, "ins": n_ins, "vis": n_vis}
+
+
+def micro_objective(cfg: FusionConfig, out: dict, mb: dict, totals: dict):
+    """This micro-batch's share of the big-batch loss (sums to the big-batch loss)."""
+    w = loss_weights(cfg, mb)
+    frac = lambda k: jnp.where(totals[k] > 0, w[k] / jnp.maximum(totals[k], 1.0), 0.0)
+    ce = out["ce_loss"] * frac("ce")
+    ins = out["instruct_cos_loss"] * frac("ins")
+    vis = out["vision_cos_loss"] * frac("vis")
+    dsm = (ins + vis) if cfg.use_dsm else jnp.float32(0.0)
+    return ce + cfg.dsm_weight * dsm, {"ce_loss": ce, "instruct_cos_loss": ins, "vision_cos_loss": vis,
+                                       "dsm_loss": dsm}
+
+
+# ----------------------------------------------------------------------------- step
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    grad_accum: int = 1
+    donate: bool = True
+    skip_nonfinite: bool = True   # keep the old state when loss or grad norm is NaN/Inf
+
+
+def _split_micro(x, A: int, mesh):
+    y = x.reshape((x.shape[0] // A, A) + x.shape[1:])
+    y = jnp.swapaxes(y, 0, 1)
+    if mesh is not None:
+        y = jax.lax.with_sharding_constraint(
+            y, NamedSharding(mesh, P(None, BATCH_AXES, *([None] * (x.ndim - 1)))))
+    return y
+
+
+def train_step_fn(cfg: FusionConfig, graphdef, tx, labels, schedules: dict | None = None,
+                  opts: StepOptions = StepOptions(), mesh=None) -> Callable:
+    """The pure (un-jitted) `train_step(state, batch) -> (state, metrics)`."""
+    frozen = jax.tree.map(lambda l: l == "frozen", labels)
+    A = int(opts.grad_accum)
+
+    def loss_fn(params, mb, totals):
+        params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
+        model = nnx.merge(graphdef, params)
+        out = model(mb)
+        obj, parts = micro_objective(cfg, out, mb, totals)
+        parts["num_targets"] = out["num_targets"]
+        return obj, parts
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state, batch):
+        batch = model_batch(batch)
+        params = state["params"]
+        totals = loss_weights(cfg, batch)
+        if A == 1:
+            (loss, parts), grads = grad_fn(params, batch, totals)
+        else:
+            micro = jax.tree.map(lambda x: _split_micro(x, A, mesh), batch)
+
+            def body(carry, mb):
+                g_acc, l_acc, p_acc = carry
+                (l, p), g = grad_fn(params, mb, totals)
+                return (jax.tree.map(jnp.add, g_acc, g), l_acc + l,
+                        jax.tree.map(jnp.add, p_acc, p)), None
+
+            zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+            zeros_p = {"ce_loss": 0.0, "instruct_cos_loss": 0.0, "vision_cos_loss": 0.0,
+                       "dsm_loss": 0.0, "num_targets": 0}
+            zeros_p = jax.tree.map(lambda v: jnp.asarray(v, jnp.int32 if isinstance(v, int) else jnp.float32),
+                                   zeros_p)
+            (grads, loss, parts), _ = jax.lax.scan(body, (zeros_g, jnp.float32(0.0), zeros_p), micro)
+            grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+        gnorm = optax_global_norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates)
+        rng, _ = jax.random.split(state["rng"])
+        new = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1, "rng": rng}
+        finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+        if opts.skip_nonfinite:
+            keep_old = {**state, "step": state["step"] + 1}
+            new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, keep_old)
+        metrics = {"loss": loss, "grad_norm": gnorm, "finite": finite, **parts}
+        if schedules:
+            for k, s in schedules.items():
+                metrics[k] = jnp.asarray(s(state["step"]), jnp.float32)
+        return new, metrics
+
+    return train_step
+
+
+def optax_global_norm(tree):
+    import optax
+    return optax.global_norm(tree)
+
+
+def make_train_step(cfg: FusionConfig, graphdef, tx, labels, mesh, state_sharding, *,
+                    schedules: dict | None = None, opts: StepOptions = StepOptions()):
+    """`jax.jit(train_step)` with explicit in/out shardings and donation of the state."""
+    fn = train_step_fn(cfg, graphdef, tx, labels, schedules, opts, mesh)
+    rep = NamedSharding(mesh, P())
+    return jax.jit(fn, in_shardings=(state_sharding, batch_shardings(mesh)),
+                   out_shardings=(state_sharding, rep),
+                   donate_argnums=(0,) if opts.donate else ())
+
+
+def lower_train_step(jitted, abstract_state: dict, abstract_batch_: dict):
+    """AOT: `make_train_step(...)` lowered from abstract args (call `.compile()` on the result)."""
+    return jitted.lower(abstract_state, abstract_batch_)

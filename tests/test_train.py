@@ -1,0 +1,177 @@
+"""Training: mesh agreement, gradient accumulation, freezing, NaN guard, exact resume, configs."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fusion_jax.config import tiny_config
+from fusion_jax.layout import build_layout
+from fusion_jax.sharding import make_mesh
+from fusion_jax.train import loop, presets
+
+jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+def _tc(**kw):
+    tc = presets.tiny_train_config()
+    with tc.unlocked():
+        tc.total_steps = 10
+        tc.global_batch_size = 8
+        tc.optim.lr = 1e-2
+        tc.optim.warmup_ratio = 0.1
+        tc.model.query_len = "4"
+        for k, v in kw.items():
+            node = tc
+            *path, last = k.split(".")
+            for p in path:
+                node = node[p]
+            node[last] = v
+    return tc
+
+
+def _cfg():
+    return tiny_config("phi3", query_len=(4,), max_length=128)
+
+
+def _batch(B=8, S=128, seed=0):
+    rng = np.random.default_rng(seed)
+    ids, lab, ins = [], [], []
+    for b in range(B):
+        n1, n2 = 5 + b % 4, 10 + 2 * (b % 3)
+        x = np.concatenate([[1], rng.integers(3, 250, n1), [-200], rng.integers(3, 250, n2)])
+        y = np.where(np.arange(len(x)) > n1 + 4, x, -100)
+        y[n1 + 3] = -400
+        ids.append(x), lab.append(y), ins.append(rng.integers(3, 250, 3 + b % 5))
+    out = build_layout(ids, lab, ins, num_image_tokens=64, query_len=4, max_questions=2, seq_len=S,
+                       instruct_len=16)
+    out["images"] = rng.standard_normal((B, 5, 3, 32, 32)).astype(np.float32)
+    return out
+
+
+def _run(setup, batches):
+    from fusion_jax.train.data import to_device_batch
+    state = setup.init_state()
+    losses = []
+    for b in batches:
+        state, m = setup.train_step(state, to_device_batch(b, setup.mesh))
+        losses.append(float(m["loss"]))
+    return state, losses
+
+
+@pytest.fixture(scope="module")
+def single():
+    return loop.Setup(_tc(mesh=(1, 1, 1)), None, mesh=make_mesh((1, 1, 1), jax.devices()[:1]), model_cfg=_cfg())
+
+
+def test_mesh_2x2x2_matches_single_device(single):
+    batches = [_batch(seed=i) for i in range(3)]
+    s1, l1 = _run(single, batches)
+    s8 = loop.Setup(_tc(mesh=(2, 2, 2)), None, model_cfg=_cfg())
+    assert dict(s8.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    sharded = [x for x in jax.tree.leaves(s8.param_sharding) if any(a is not None for a in x.spec)]
+    assert sharded, "no parameter is sharded on the 2x2x2 mesh"
+    s2, l2 = _run(s8, batches)
+    np.testing.assert_allclose(l1, l2, rtol=1e-5, atol=1e-5)
+    assert l1[2] < l1[0]
+    for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s2["params"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_grad_accumulation_equals_big_batch(single):
+    b = _batch(seed=3)
+    s1, l1 = _run(single, [b])
+    acc = loop.Setup(_tc(mesh=(1, 1, 1), grad_accum=4), None, mesh=single.mesh, model_cfg=_cfg())
+    s4, l4 = _run(acc, [b])
+    np.testing.assert_allclose(l1, l4, rtol=1e-6, atol=1e-6)
+    for a, c in zip(jax.tree.leaves(s1), jax.tree.leaves(s4)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_parameters_bit_identical():
+    pat = "^model/vision_tower/,^model/aux_projector/"
+    s = loop.Setup(_tc(mesh=(1, 1, 1), **{"optim.freeze": pat}), None,
+                   mesh=make_mesh((1, 1, 1), jax.devices()[:1]), model_cfg=_cfg())
+    init = jax.tree.map(np.asarray, s.init_params())
+    state, _ = _run(s, [_batch(seed=i) for i in range(2)])
+    flat0 = jax.tree_util.tree_flatten_with_path(init)[0]
+    flat1 = jax.tree.leaves(state["params"])
+    n_frozen = n_moved = 0
+    for (path, a), b in zip(flat0, flat1):
+        name = "/".join(k.key for k in path)
+        if name.startswith(("model/vision_tower/", "model/aux_projector/")):
+            assert np.array_equal(a, np.asarray(b)), name
+            n_frozen += 1
+        elif not np.array_equal(a, np.asarray(b)):
+            n_moved += 1
+    assert n_frozen > 10 and n_moved > 10
+    with pytest.raises(ValueError, match="config.freeze"):
+        loop.Setup(_tc(**{"optim.freeze": "^nothing_matches$"}), None, mesh=s.mesh, model_cfg=_cfg())
+
+
+def test_nonfinite_loss_keeps_state(single):
+    from fusion_jax.train.data import to_device_batch
+    state = single.init_state()
+    before = jax.tree.map(np.asarray, state["params"])
+    b = _batch(seed=5)
+    b["images"][0, 4, 0, 0, 0] = np.nan
+    state, m = single.train_step(state, to_device_batch(b, single.mesh))
+    assert not bool(m["finite"])
+    for a, c in zip(jax.tree.leaves(before), jax.tree.leaves(state["params"])):
+        assert np.array_equal(a, np.asarray(c))
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ValueError, match=r"config\.log_every"):
+        loop.validate(_tc(log_every=0))
+    with pytest.raises(ValueError, match=r"config\.model\.remat_policy"):
+        loop.validate(_tc(**{"model.remat_policy": "sometimes"}))
+    with pytest.raises(ValueError, match=r"config\.global_batch_size"):
+        loop.Setup(_tc(global_batch_size=6, grad_accum=4), None, mesh=make_mesh((1, 1, 1), jax.devices()[:1]),
+                   model_cfg=_cfg())
+
+
+def test_stopper_catches_sigterm():
+    with loop._Stopper() as s:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert s.signum == signal.SIGTERM
+
+
+def _losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r for r in map(json.loads, f)}
+
+
+def test_exact_resume_and_load_params(tmp_path):
+    kw = {"total_steps": 6, "checkpoint_every": 3, "log_every": 1, "keep_checkpoints": 2,
+          "data.synth_num": 80, "data.synth_workers": 1, "data.synth_image_size": 32,
+          "model.tiny.hidden_size": 64, "model.tiny.intermediate_size": 128,
+          "model.tiny.vision_hidden_size": 32, "model.tiny.vision_intermediate_size": 64}
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    loop.train(_tc(**kw), full)
+    r = loop.train(_tc(stop_after=4, **kw), part)   # interrupted after step 4 (checkpoint at 4)
+    assert r["stopped"] == "stop_after" and r["step"] == 4
+    loop.train(_tc(**kw), part)                      # same command again: resumes at 4
+    a, b = _losses(full), _losses(part)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for k in a:
+        for key in ("loss", "ce_loss", "dsm_loss", "grad_norm", "lr"):
+            assert abs(a[k][key] - b[k][key]) <= 1e-6, (k, key, a[k][key], b[k][key])
+        assert {"step", "loss", "ce_loss", "dsm_loss", "lr", "grad_norm", "tokens_per_s"} <= set(a[k])
+    assert sorted(os.listdir(os.path.join(full, "checkpoints"))) == ["3", "6"]
+    assert os.listdir(os.path.join(full, "tensorboard"))
+    # the evaluation entry point
+    from fusion_jax.train.checkpoint import load_params
+    model, cfg, tok = load_params(full)
+    assert cfg.llm.hidden_size == 64 and os.path.isfile(os.path.join(tok, "tokenizer.json"))
+    from fusion_jax.train.checkpoint import restore_params_tree  # noqa: F401
+    # the step dir is also a converted Orbax folder for fusion_jax.from_pretrained
+    import fusion_jax
+    m2 = fusion_jax.from_pretrained(os.path.join(full, "checkpoints", "6"))
+    np.testing.assert_array_equal(np.asarray(m2.lm_head.kernel[...]), np.asarray(model.lm_head.kernel[...]))
