@@ -85,7 +85,11 @@ class _BinFile:
         return tuple(self.sd[name].shape)
 
     def dtype(self, name):
-        return self.get(name).dtype
+        import torch
+        t = self.sd[name]
+        if t.dtype == torch.bfloat16:
+            return np.dtype(ml_dtypes.bfloat16)
+        return np.dtype(torch.empty((), dtype=t.dtype).numpy().dtype)
 
     def nbytes(self, name):
         t = self.sd[name]
