@@ -278,6 +278,8 @@ def from_hf_config(d: dict, vision: VisionConfig | None = None) -> FusionConfig:
     if mt not in MODEL_TYPES:
         raise ValueError(f"config.json model_type={mt!r}: expected one of {sorted(MODEL_TYPES)}")
     llm = llm_config_from_hf(d, MODEL_TYPES[mt])
+    if mt == "fusion_qwen":  # FusionQwenForCausalLM sets config.rope_scaling = None
+        llm = dataclasses.replace(llm, rope_scaling=None)
     tower = d.get("mm_vision_tower", "")
     if vision is None:
         vision = tower_from_name(tower)
