@@ -1,0 +1,110 @@
+"""python -m fusion_jax.eval: answer model_vqa questions, then score them when gold exists.
+
+    python -m fusion_jax.eval --ckpt DIR --questions Q.jsonl --image-folder DIR --out answers.jsonl \\
+        [--gold GOLD.jsonl] [--summary S.json] [--batch-size 8] [--limit N] [generation options]
+    python -m fusion_jax.eval score --pred answers.jsonl --gold GOLD.jsonl [--summary S.json]
+
+Gold defaults to `answers.jsonl` beside the questions file (the synthesized held-out split,
+`fusion_jax.synth`, writes eval/questions.jsonl and eval/answers.jsonl); the summary defaults
+to OUT with `.summary.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _summary_path(out: str) -> str:
+    base = out[:-6] if out.endswith(".jsonl") else out
+    return base + ".summary.json"
+
+
+def _score(pred_path, gold_path, summary_path, rows_path=None, only=None) -> dict:
+    from fusion_jax.eval.runner import read_jsonl, write_jsonl
+    from fusion_jax.eval.scorers import score_answers
+    golds = {r["question_id"]: r for r in read_jsonl(gold_path)}
+    if only is not None:
+        golds = {k: v for k, v in golds.items() if k in only}
+    summary, rows = score_answers(read_jsonl(pred_path), golds)
+    summary["pred"], summary["gold"] = os.path.abspath(pred_path), os.path.abspath(gold_path)
+    with open(summary_path, "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1, sort_keys=True)
+        f.write("\n")
+    if rows_path:
+        write_jsonl(rows_path, rows)
+    o = summary["overall"]
+    print(f"accuracy {o['accuracy']:.4f} ({o['correct']}/{o['n']})"
+          + (f", chance {o['chance']:.4f}" if "chance" in o else ""))
+    for cat, s in summary["per_category"].items():
+        print(f"  {cat:16s} {s['accuracy']:.4f} ({s['correct']}/{s['n']})")
+    print(f"summary: {summary_path}")
+    return summary
+
+
+def score_main(argv) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fusion_jax.eval score")
+    ap.add_argument("--pred", required=True)
+    ap.add_argument("--gold", required=True)
+    ap.add_argument("--summary", default=None)
+    ap.add_argument("--rows", default=None, help="also write per-question rows (JSONL)")
+    a = ap.parse_args(argv)
+    _score(a.pred, a.gold, a.summary or _summary_path(a.pred), a.rows)
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "score":
+        return score_main(argv[1:])
+    from fusion_jax.generate import (add_generation_args, find_tokenizer_dir, generation_config,
+                                     load_model, model_overrides, pick_query_len)
+    ap = argparse.ArgumentParser(prog="python -m fusion_jax.eval", description=__doc__.splitlines()[0])
+    add_generation_args(ap)
+    ap.add_argument("--questions", required=True, help="model_vqa questions JSONL")
+    ap.add_argument("--image-folder", default=None)
+    ap.add_argument("--out", required=True, help="answers JSONL (model_vqa format)")
+    ap.add_argument("--gold", default=None, help="gold answers JSONL (default: answers.jsonl beside "
+                                                 "the questions, when present)")
+    ap.add_argument("--summary", default=None)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--model-id", default=None)
+    ap.add_argument("--seq-bucket", type=int, default=64)
+    ap.add_argument("--instruct-bucket", type=int, default=16)
+    ap.add_argument("--no-progress", action="store_true")
+    ap.set_defaults(max_new_tokens=32)
+    a = ap.parse_args(argv)
+
+    from fusion_jax.data.tokenizer import load_tokenizer
+    from fusion_jax.eval.runner import read_jsonl, run_eval, write_jsonl
+    try:
+        questions = read_jsonl(a.questions)
+        tok = load_tokenizer(find_tokenizer_dir(a.ckpt, a.tokenizer))
+        model = load_model(a.ckpt, **model_overrides(a))
+        pick_query_len(model.cfg, a.query_len)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if a.limit:
+        questions = questions[:a.limit]
+    gcfg = generation_config(a)
+    gcfg.seq_bucket, gcfg.instruct_bucket = a.seq_bucket, a.instruct_bucket
+    model_id = a.model_id or os.path.basename(os.path.normpath(a.ckpt))
+    rows = run_eval(model, tok, questions, image_folder=a.image_folder, gcfg=gcfg,
+                    batch_size=max(1, a.batch_size), model_id=model_id, progress=not a.no_progress)
+    write_jsonl(a.out, rows)
+    print(f"wrote {len(rows)} answers to {a.out}")
+    gold = a.gold or os.path.join(os.path.dirname(os.path.abspath(a.questions)), "answers.jsonl")
+    if os.path.isfile(gold) and os.path.abspath(gold) != os.path.abspath(a.out):
+        _score(a.out, gold, a.summary or _summary_path(a.out),
+               only={q["question_id"] for q in questions} if a.limit else None)
+    elif a.gold:
+        print(f"error: gold file {a.gold} not found", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
