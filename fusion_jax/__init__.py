@@ -6,9 +6,12 @@ import os
 
 def from_pretrained(path: str, *, mesh=None, shardings=None, dtype=None, **overrides):
     """A `FusionForCausalLM` from a converted Orbax folder (has fusion_config.json) or a
-    reference HF folder (has config.json). With `mesh`/`shardings`, Orbax folders restore
-    each array directly onto its sharding (see `fusion_jax.convert.orbax_io.load_orbax_model`)."""
+    reference HF folder (has config.json). With `mesh` alone, parameters are placed by the
+    logical-axis rules (`fusion_jax.sharding.RULES`); `shardings` (dict name -> Sharding, or
+    callable(name, variable)) overrides that. Orbax arrays restore directly onto their shardings."""
     from fusion_jax.convert.orbax_io import is_orbax_dir, load_orbax_model
+    if mesh is not None and shardings is None:
+        shardings = _rule_shardings(mesh)
     if is_orbax_dir(path):
         return load_orbax_model(path, mesh=mesh, shardings=shardings, dtype=dtype, **overrides)
     if os.path.isfile(os.path.join(path, "config.json")):
@@ -27,6 +30,17 @@ def from_pretrained(path: str, *, mesh=None, shardings=None, dtype=None, **overr
         return model
     raise FileNotFoundError(f"{path}: neither an Orbax folder (fusion_config.json + params/) "
                             f"nor an HF folder (config.json)")
+
+
+def _rule_shardings(mesh):
+    """Place each parameter by its logical axes and `fusion_jax.sharding.RULES`."""
+    from jax.sharding import NamedSharding
+    from fusion_jax.sharding import spec_for
+
+    def place(name, var):
+        axes = var.get_metadata().get("logical_axes")
+        return NamedSharding(mesh, spec_for(axes, var.get_value().shape, mesh))
+    return place
 
 
 __all__ = ["from_pretrained"]

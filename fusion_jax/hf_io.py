@@ -80,10 +80,11 @@ class TensorReader:
         h = self._handles[self.where[name]]
         try:
             return h.get_tensor(name)
-        except (TypeError, ValueError):  # bf16 etc.: numpy lacks the dtype, go through jax
-            from safetensors import safe_open
-            with safe_open(os.path.join(self.folder, self.where[name]), framework="flax") as f:
-                return np.asarray(f.get_tensor(name))
+        except (TypeError, ValueError):  # bf16 etc.: numpy lacks the dtype; read the raw bytes
+            from fusion_jax.convert.st_io import SafeReader
+            if not hasattr(self, "_raw"):
+                self._raw = SafeReader(self.folder)
+            return self._raw.get(name)
 
 
 class DictReader:
@@ -167,7 +168,7 @@ def load_weights(model, reader, *, dtype=None, select: Callable[[Row], bool] | N
 
 
 def from_pretrained(folder: str, **overrides):
-    """Model from a reference HF folder (or an Orbax folder once conversion exists)."""
+    """Model from a reference HF folder (`fusion_jax.from_pretrained` also takes Orbax folders)."""
     cfg = read_config(folder, **overrides)
     model = abstract_model(cfg)
     return load_weights(model, TensorReader(folder))
