@@ -132,7 +132,8 @@ class FusionConfig:
     compute_dtype: str = "float32"           # "bfloat16" for training
     param_dtype: str = "float32"
     scan_layers: bool = True
-    remat_policy: str = "none"               # none | full | dots | dots_no_batch
+    remat_policy: str = "none"               # decoder layers: none | full | dots | dots_no_batch | nothing
+    vision_remat_policy: str | None = None   # vision layers; None = same as remat_policy
 
     def __post_init__(self):
         if self.early_mask_mode not in EARLY_MASK_MODES:
