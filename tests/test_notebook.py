@@ -1,0 +1,39 @@
+"""Execute notebooks/quickstart.ipynb headless (nbclient + ipykernel), as CI does."""
+import os
+import pathlib
+import time
+
+import pytest
+
+NB = pathlib.Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
+
+
+def test_quickstart_notebook_executes(tmp_path):
+    nbformat = pytest.importorskip("nbformat", reason="notebook execution needs nbformat (dev extra)")
+    nbclient = pytest.importorskip("nbclient", reason="notebook execution needs nbclient (dev extra)")
+    pytest.importorskip("ipykernel", reason="notebook execution needs ipykernel (dev extra)")
+    pytest.importorskip("matplotlib", reason="the notebook plots with matplotlib (dev extra)")
+    nb = nbformat.read(str(NB), as_version=4)
+    env_keep = os.environ.get("XLA_FLAGS")
+    # the kernel is a fresh process: one CPU device is enough and compiles faster
+    os.environ["XLA_FLAGS"] = ""
+    try:
+        t = time.time()
+        client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                                         resources={"metadata": {"path": str(tmp_path)}})
+        client.execute()
+        elapsed = time.time() - t
+    finally:
+        if env_keep is None:
+            os.environ.pop("XLA_FLAGS", None)
+        else:
+            os.environ["XLA_FLAGS"] = env_keep
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if o.get("output_type") == "error"]
+    assert not errors
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "bitwise equal: True" in text
+    images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code"
+                 for o in c.get("outputs", []))
+    assert images >= 3                     # synthesized image, loss curve, crops with windows
+    assert elapsed < 180, f"notebook took {elapsed:.0f}s (budget 3 min)"
