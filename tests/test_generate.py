@@ -197,3 +197,18 @@ def test_fusion_l_grid_and_query_len(setup):
     assert lay["image_pos"].shape == (1, 16) and lay["latent_pos"].shape == (1, 4)
     o = G.generate(model, {k: jnp.asarray(v) for k, v in lay.items()}, max_new_tokens=3)
     assert np.asarray(o["tokens"]).shape == (1, 3)
+
+
+def test_eval_convention_keeps_initial_latents_in_later_blocks(setup):
+    """Reference: every later placeholder gets init_latent even when its block is not refined."""
+    tok, cfg, model = setup["tok"], setup["cfg"], setup["model"]
+    turns = [("What is in the image?", "A cat."), ("How many apples?", None)]
+    ev = G.encode_request(tok, "phi_3", turns)
+    lay = G.layout_padded(cfg, [ev["input_ids"]], [ev["instructs"]], setup["crops"][:1], query_len=4)
+    fill = lay["latent_fill_pos"][0]
+    assert (fill >= 0).sum() == 8 and (lay["latent_pos"] >= 0).sum() == 4
+    np.testing.assert_array_equal(fill[:4], lay["latent_pos"][0])
+    q, enc, x = nnx.jit(G.prefill_inputs)(model, {k: jnp.asarray(v) for k, v in lay.items()})
+    x, init = np.asarray(x), np.asarray(enc["init_latent"])
+    np.testing.assert_allclose(x[0, fill[:4]], init[0], atol=1e-6)
+    np.testing.assert_allclose(x[0, fill[4:]], init[0], atol=1e-6)
