@@ -470,6 +470,9 @@ def answer(model, tokenizer, requests, gcfg: GenerationConfig | None = None, *, 
 
 def find_tokenizer_dir(ckpt: str, tokenizer: str | None = None) -> str:
     cands = [tokenizer] if tokenizer else [ckpt, os.path.join(ckpt, "tokenizer")]
+    if not tokenizer and _train_step_dir(ckpt) is not None:
+        from fusion_jax.train.checkpoint import tokenizer_dir_of
+        cands.append(tokenizer_dir_of(_train_step_dir(ckpt)))
     for c in cands:
         if c and os.path.isfile(os.path.join(c, "tokenizer.json")):
             return c
@@ -477,14 +480,28 @@ def find_tokenizer_dir(ckpt: str, tokenizer: str | None = None) -> str:
                             f"(pass --tokenizer DIR)")
 
 
+def _train_step_dir(ckpt: str):
+    """The step dir when `ckpt` is a train.py workdir / checkpoints dir / step dir, else None."""
+    from fusion_jax.convert.orbax_io import is_orbax_dir
+    if is_orbax_dir(ckpt):
+        return None
+    try:
+        from fusion_jax.train.checkpoint import resolve_step_dir
+        return resolve_step_dir(ckpt)
+    except (ImportError, FileNotFoundError):
+        return None
+
+
 def load_model(ckpt: str, **overrides):
-    """Orbax or HF folder -> model (HF folders are converted on the fly)."""
+    """Orbax or HF folder (converted on the fly), or a train.py workdir / step dir -> model."""
+    if _train_step_dir(ckpt) is not None:
+        from fusion_jax.train.checkpoint import load_params
+        return load_params(ckpt, **overrides)[0]
     try:
         from fusion_jax import from_pretrained
-        return from_pretrained(ckpt, **overrides)
     except ImportError:
-        from fusion_jax.hf_io import from_pretrained as hf_from_pretrained
-        return hf_from_pretrained(ckpt, **overrides)
+        from fusion_jax.hf_io import from_pretrained
+    return from_pretrained(ckpt, **overrides)
 
 
 def model_overrides(args) -> dict:
