@@ -1,0 +1,347 @@
+"""Ahead-of-time compile the real train step of a config for a TPU slice (or the local CPU).
+
+    python -m fusion_jax.tools.aot_compile --config configs/fusion_8b_llama31_stage2.py \
+        --topology v5p:4x4x4 --mesh 1,-1,1 [--remat full] [--vision-remat full] [--json]
+    python -m fusion_jax.tools.aot_compile --config configs/tiny.py --topology cpu:8 --json
+
+Nothing is allocated: the train state and the batch are abstract (`jax.ShapeDtypeStruct` with
+their shardings), the step is `fusion_jax.train.loop.Setup(...).train_step` (the jitted function
+train.py runs), lowered and compiled for the topology's devices. A TPU topology needs `libtpu`
+(the version `pip install "jax[tpu]==<jax version>"` resolves; no TPU has to be attached).
+
+The batch is the config's worst bucket: global_batch_size x data.max_length tokens, the largest
+query_len, data.max_questions questions and data.max_instruct_len instruct tokens (override with
+--batch/--seq/--query-len/--max-questions/--instruct-len).
+
+Reports per-device bytes (arguments, outputs, aliased, temporaries, code, total), the chip's HBM,
+whether it fits, the compiled FLOPs per step (cost analysis, all devices) against the analytic
+model FLOPs (fusion_jax.train.flops), a roofline step time and the lower/compile times. With
+--json the last stdout line is one JSON object. Exit status: 0 fits, 1 does not fit (including
+a compiler out-of-memory error), 2 bad arguments or other compile failure.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import re
+import sys
+import time
+
+# The host's own backend must not try to drive a TPU; TPU topologies are compile-only clients.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # silences libtpu's hostname probe off-TPU
+# Compile-only use: do not take /tmp/libtpu_lockfile (another jax process on this host may hold it).
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+GiB = 1024 ** 3
+
+# Per-chip HBM bytes, HBM bandwidth (B/s) by substring of jax's device_kind (lower case).
+# Public spec sheets: v4 32 GiB 1.2 TB/s; v5e 16 GiB 819 GB/s; v5p 95 GiB 2.77 TB/s; v6e 32 GiB 1.64 TB/s.
+CHIPS = (
+    ("v6 lite", dict(name="v6e", hbm=32 * GiB, bw=1640e9)),
+    ("v6e", dict(name="v6e", hbm=32 * GiB, bw=1640e9)),
+    ("v5 lite", dict(name="v5e", hbm=16 * GiB, bw=819e9)),
+    ("v5e", dict(name="v5e", hbm=16 * GiB, bw=819e9)),
+    ("v5p", dict(name="v5p", hbm=95 * GiB, bw=2765e9)),
+    ("v5", dict(name="v5p", hbm=95 * GiB, bw=2765e9)),
+    ("v4", dict(name="v4", hbm=32 * GiB, bw=1200e9)),
+    ("v3", dict(name="v3", hbm=16 * GiB, bw=900e9)),
+)
+
+
+def chip_info(device) -> dict:
+    kind = str(getattr(device, "device_kind", "")).lower()
+    for key, info in CHIPS:
+        if key in kind:
+            return dict(info, kind=device.device_kind)
+    if device.platform == "cpu":
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            total = 0
+        return dict(name="cpu", kind=device.device_kind, hbm=total, bw=None, shared_host_memory=True)
+    return dict(name=kind or device.platform, kind=device.device_kind, hbm=None, bw=None)
+
+
+# ----------------------------------------------------------------------------- config / devices
+
+def load_train_config(path: str):
+    """The ml_collections ConfigDict of a configs/*.py file (`get_config()`)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--config {path}: no such file")
+    spec = importlib.util.spec_from_file_location("fusion_train_config", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config()
+
+
+def topology_devices(topology: str):
+    """Devices of a TPU topology ('v5p:4x4x4', 'v5e:4x8', 'v6e:8x8', 'v4:2x2x2') or 'cpu[:N]'."""
+    import jax
+    if topology == "cpu" or topology.startswith("cpu:"):
+        devs = jax.devices("cpu")
+        n = int(topology.split(":")[1]) if ":" in topology else len(devs)
+        if n > len(devs):
+            raise ValueError(f"--topology {topology}: only {len(devs)} CPU devices (set XLA_FLAGS="
+                             f"--xla_force_host_platform_device_count={n})")
+        return devs[:n]
+    try:
+        import libtpu  # noqa: F401
+    except ImportError as e:
+        raise ValueError(f"--topology {topology}: needs libtpu (pip install 'jax[tpu]=={jax.__version__}')") from e
+    from jax.experimental import topologies
+    return list(topologies.get_topology_desc(topology, "tpu").devices)
+
+
+def parse_mesh(s) -> tuple[int, ...]:
+    if isinstance(s, (tuple, list)):
+        return tuple(int(x) for x in s)
+    return tuple(int(x) for x in str(s).strip("()[] ").split(",") if x.strip())
+
+
+def build_mesh(devices, shape):
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh
+    from fusion_jax.sharding import MESH_AXES, resolve_mesh_shape
+    shape = resolve_mesh_shape(shape, len(devices))
+    try:
+        from jax.experimental import mesh_utils
+        arr = mesh_utils.create_device_mesh(shape, devices)   # ICI-aware order on TPU
+    except Exception:  # noqa: BLE001  (CPU devices or shapes the helper does not map)
+        arr = np.asarray(devices).reshape(shape)
+    return Mesh(arr, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+# ----------------------------------------------------------------------------- compile
+
+_OOM = re.compile(r"(?:Used|used)\s+([\d.]+)([KMGT]?)(?:i?B)?\s+of\s+([\d.]+)([KMGT]?)(?:i?B)?\s+hbm", re.I)
+_UNIT = {"": 1, "K": 1024, "M": 1024 ** 2, "G": GiB, "T": 1024 ** 4}
+
+
+_OOM2 = re.compile(r"\(([\d.]+)([KMGT]?)\)\s+exceeds available HBM\s+\(([\d.]+)([KMGT]?)\)", re.I)
+
+
+def parse_oom(msg: str):
+    """(used_bytes, capacity_bytes) from an XLA TPU 'Ran out of memory' message, if present.
+
+    For 'HLO temporaries (X) exceeds available HBM (Y)' the used figure is temporaries only."""
+    m = _OOM.search(msg) or _OOM2.search(msg)
+    if not m:
+        return None
+    return (float(m.group(1)) * _UNIT[m.group(2).upper()], float(m.group(3)) * _UNIT[m.group(4).upper()])
+
+
+def _cost(compiled) -> dict:
+    try:
+        c = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001
+        return {}
+    if isinstance(c, (list, tuple)):
+        c = c[0] if c else {}
+    return dict(c or {})
+
+
+def aot_compile(tc, topology: str, *, mesh_shape=None, remat: str | None = None,
+                vision_remat: str | None = None, batch: int | None = None, seq: int | None = None,
+                query_len: int | None = None, max_questions: int | None = None,
+                instruct_len: int | None = None, grad_accum: int | None = None,
+                compute_dtype: str | None = None, log=lambda s: None) -> dict:
+    """Lower and compile `tc`'s train step for `topology`; returns the report dict."""
+    import jax
+    from fusion_jax.train import flops as flops_lib
+    from fusion_jax.train import step as step_lib
+    from fusion_jax.train.loop import Setup
+
+    with tc.unlocked():
+        if mesh_shape is not None:
+            tc.mesh = tuple(mesh_shape)
+        if remat is not None:
+            tc.model.remat_policy = remat
+        if vision_remat is not None:
+            tc.model.vision_remat_policy = vision_remat
+        if batch is not None:
+            tc.global_batch_size = int(batch)
+        if grad_accum is not None:
+            tc.grad_accum = int(grad_accum)
+        if compute_dtype is not None:
+            tc.model.compute_dtype = compute_dtype
+        if seq is not None:
+            tc.data.max_length = int(seq)
+        # Setup validates data.path for real datasets; AOT needs no data.
+        tc.data.source = "synth"
+        tc.init_from = ""
+    devices = topology_devices(topology)
+    mesh = build_mesh(devices, tuple(tc.mesh))
+    chip = chip_info(devices[0])
+    t0 = time.perf_counter()
+    s = Setup(tc, None, mesh=mesh)
+    cfg = s.cfg
+    S = int(tc.data.max_length)
+    q = int(query_len or max(cfg.query_len))
+    L = int(max_questions or tc.data.max_questions)
+    T = int(instruct_len or tc.data.max_instruct_len)
+    B = int(tc.global_batch_size)
+    ab = step_lib.abstract_batch(cfg, B, S, q, instruct_len=T, max_questions=L)
+    v = cfg.vision
+    crop = (v.image_size // v.patch_size) * v.patch_size
+    if crop != v.image_size:
+        # so400m: 384 px / 14 px patches. The reference's VALID conv ignores the last 6 pixel rows and
+        # columns; fusion_jax.vision.SiglipEmbeddings reshapes and needs divisible sizes, so compile
+        # with the pixels the conv actually reads (same program cost; see docs/pod_readiness.md).
+        ab["images"] = jax.ShapeDtypeStruct(ab["images"].shape[:3] + (crop, crop), ab["images"].dtype)
+    bsh = step_lib.batch_shardings(mesh)
+    ab = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=bsh[k]) for k, v in ab.items()}
+    state = s.sharded_abstract_state()
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(s.abstract_params))
+    t_setup = time.perf_counter() - t0
+    log(f"{cfg.llm.family} {n_params / 1e9:.2f}B params | {len(devices)} x {chip['kind']} | mesh "
+        f"{dict(mesh.shape)} | batch {B} x {S} (grad_accum {tc.grad_accum}, q {q}, L {L}, T {T}) | "
+        f"remat {tc.model.remat_policy}/{tc.model.vision_remat_policy} | {tc.model.compute_dtype}")
+
+    rep = {
+        "topology": topology, "device_kind": chip["kind"], "chip": chip["name"], "num_devices": len(devices),
+        "mesh": dict(mesh.shape), "remat_policy": tc.model.remat_policy,
+        "vision_remat_policy": tc.model.vision_remat_policy, "compute_dtype": tc.model.compute_dtype,
+        "global_batch": B, "grad_accum": int(tc.grad_accum), "seq_len": S, "query_len": q,
+        "max_questions": L, "instruct_len": T, "n_params": n_params,
+        "hbm_bytes_per_device": chip["hbm"], "setup_s": round(t_setup, 2),
+    }
+    if crop != v.image_size:
+        rep["image_pixels_compiled"] = crop
+    shapes = {k: v.shape for k, v in ab.items()}
+    model_flops = flops_lib.train_flops_per_step(cfg, shapes)
+    rep["model_flops_per_step"] = model_flops
+    peak = flops_lib.peak_flops(devices[0])
+    rep["peak_flops_per_device"] = peak
+
+    t1 = time.perf_counter()
+    lowered = s.train_step.lower(state, ab)
+    rep["lower_s"] = round(time.perf_counter() - t1, 2)
+    log(f"lowered in {rep['lower_s']:.1f}s; compiling ...")
+    t2 = time.perf_counter()
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001  (XlaRuntimeError RESOURCE_EXHAUSTED on TPU)
+        msg = str(e)
+        rep["compile_s"] = round(time.perf_counter() - t2, 2)
+        oom = parse_oom(msg) if ("RESOURCE_EXHAUSTED" in msg or "out of memory" in msg.lower()) else None
+        if oom is None and "RESOURCE_EXHAUSTED" not in msg:
+            rep.update(fits=False, error=msg.splitlines()[0][:500] if msg else type(e).__name__, status="error")
+            return rep
+        rep.update(fits=False, status="oom", error=" ".join(msg.split())[:600],
+                   bytes_per_device=int(oom[0]) if oom else None)
+        if oom:
+            rep["hbm_bytes_per_device"] = int(oom[1]) if not chip["hbm"] else chip["hbm"]
+            rep["compiler_hbm_capacity"] = int(oom[1])
+        return rep
+    rep["compile_s"] = round(time.perf_counter() - t2, 2)
+    mem = compiled.memory_analysis()
+    g = lambda n: int(getattr(mem, n, 0) or 0) if mem is not None else 0
+    arg, out, alias, tmp, code = (g("argument_size_in_bytes"), g("output_size_in_bytes"),
+                                  g("alias_size_in_bytes"), g("temp_size_in_bytes"),
+                                  g("generated_code_size_in_bytes"))
+    total = arg + out - alias + tmp + code
+    rep.update(argument_bytes=arg, output_bytes=out, alias_bytes=alias, temp_bytes=tmp, code_bytes=code,
+               bytes_per_device=total)
+    hbm = chip["hbm"]
+    rep["fits"] = bool(hbm is None or total <= hbm)
+    rep["hbm_fraction"] = round(total / hbm, 4) if hbm else None
+    cost = _cost(compiled)
+    dev_flops = float(cost.get("flops", 0.0) or 0.0)
+    dev_bytes = float(cost.get("bytes accessed", 0.0) or 0.0)
+    rep["flops_per_device"] = dev_flops
+    rep["flops_per_step"] = dev_flops * len(devices)
+    rep["compiled_over_model_flops"] = round(rep["flops_per_step"] / model_flops, 4) if model_flops else None
+    rep["bytes_accessed_per_device"] = dev_bytes
+    # XLA's cost analysis counts a while loop's body once, so scanned layers are undercounted:
+    # the roofline uses the analytic model FLOPs, times the recompute factor of the remat policy.
+    rep["flops_note"] = "cost_analysis counts each scan (while) body once; compare only unscanned"
+    recompute = {"full": 4 / 3, "nothing": 4 / 3, "dots": 1.0, "dots_no_batch": 1.1, "none": 1.0}
+    f_exec = model_flops * recompute.get(tc.model.remat_policy, 1.0)
+    rep["executed_flops_estimate"] = f_exec
+    if peak:
+        rep["roofline_model_flops_s"] = model_flops / (peak * len(devices))   # 100% MFU step time
+        rep["roofline_step_s"] = f_exec / (peak * len(devices))               # + remat recompute
+        rep["roofline_mfu"] = rep["roofline_model_flops_s"] / rep["roofline_step_s"]
+        rep["roofline_tokens_per_s_per_device"] = B * S / rep["roofline_step_s"] / len(devices)
+    t_mem = dev_bytes / chip["bw"] if chip.get("bw") else None
+    rep["hbm_traffic_s_lower_bound"] = t_mem
+    rep["status"] = "ok" if rep["fits"] else "over_hbm"
+    return rep
+
+
+def _gib(x):
+    return "?" if x is None else f"{x / GiB:.2f} GiB"
+
+
+def format_report(r: dict) -> str:
+    lines = [f"topology        {r['topology']} ({r['num_devices']} x {r['device_kind']}), mesh {r['mesh']}",
+             f"step            batch {r['global_batch']} x {r['seq_len']} (grad_accum {r['grad_accum']}, "
+             f"q {r['query_len']}), remat {r['remat_policy']}/{r['vision_remat_policy']}, {r['compute_dtype']}"]
+    if r.get("status") == "error":
+        lines.append(f"ERROR           {r.get('error')}")
+        return "\n".join(lines)
+    if "argument_bytes" in r:
+        lines += [f"per device      arguments {_gib(r['argument_bytes'])}, outputs {_gib(r['output_bytes'])} "
+                  f"(aliased {_gib(r['alias_bytes'])}), temporaries {_gib(r['temp_bytes'])}, "
+                  f"code {_gib(r['code_bytes'])}",
+                  f"total           {_gib(r['bytes_per_device'])} of {_gib(r['hbm_bytes_per_device'])} HBM "
+                  f"-> {'FITS' if r['fits'] else 'DOES NOT FIT'}"]
+        mf = r["model_flops_per_step"]
+        lines.append(f"FLOPs / step    compiled {r['flops_per_step']:.4g} vs model {mf:.4g} "
+                     f"(ratio {r['compiled_over_model_flops']})")
+        if r.get("roofline_step_s"):
+            lines.append(f"roofline        {r['roofline_step_s']:.3f} s/step at peak (model FLOPs x remat recompute; "
+                         f"100%-MFU {r['roofline_model_flops_s']:.3f} s), "
+                         f"{r['roofline_tokens_per_s_per_device']:.0f} tok/s/device; no communication")
+    else:
+        lines.append(f"DOES NOT FIT    compiler: {r.get('error', '')[:300]}")
+    lines.append(f"time            setup {r['setup_s']}s, lower {r.get('lower_s')}s, compile {r['compile_s']}s")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fusion_jax.tools.aot_compile", description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="configs/NAME.py")
+    p.add_argument("--topology", required=True, help="TPU topology (v5p:4x4x4, v5e:8x8, v6e:4x8) or cpu[:N]")
+    p.add_argument("--mesh", default=None, help="data,fsdp,tensor (one may be -1); default: the config's")
+    p.add_argument("--remat", default=None, help="decoder remat policy (default: the config's)")
+    p.add_argument("--vision-remat", default=None, help="vision tower remat policy (default: the config's)")
+    p.add_argument("--batch", type=int, default=None, help="global batch (default: the config's)")
+    p.add_argument("--grad-accum", type=int, default=None)
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default: data.max_length)")
+    p.add_argument("--query-len", type=int, default=None, help="default: the largest of model.query_len")
+    p.add_argument("--max-questions", type=int, default=None)
+    p.add_argument("--instruct-len", type=int, default=None)
+    p.add_argument("--compute-dtype", default=None, choices=("float32", "bfloat16"))
+    p.add_argument("--json", action="store_true", help="last stdout line: one JSON object")
+    a = p.parse_args(argv)
+    log = lambda s: print(s, file=sys.stderr if a.json else sys.stdout, flush=True)
+    try:
+        tc = load_train_config(a.config)
+        rep = aot_compile(tc, a.topology, mesh_shape=parse_mesh(a.mesh) if a.mesh else None,
+                          remat=a.remat, vision_remat=a.vision_remat, batch=a.batch, seq=a.seq,
+                          query_len=a.query_len, max_questions=a.max_questions, instruct_len=a.instruct_len,
+                          grad_accum=a.grad_accum, compute_dtype=a.compute_dtype, log=log)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        if a.json:
+            print(json.dumps({"fits": False, "status": "error", "error": str(e)}))
+        return 2
+    rep["config"] = a.config
+    rep["command"] = "python -m fusion_jax.tools.aot_compile " + " ".join(
+        x if x and " " not in x else repr(x) for x in (argv if argv is not None else sys.argv[1:]))
+    log(format_report(rep))
+    if a.json:
+        print(json.dumps(rep, sort_keys=True, default=str))
+    if rep.get("status") == "error":
+        return 2
+    return 0 if rep["fits"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

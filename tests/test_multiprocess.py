@@ -1,0 +1,152 @@
+"""Multi-process training on localhost: 2 processes x 4 CPU devices through `jax.distributed`
+train the tiny config exactly like 1 process x 8 devices.
+
+Each run is a subprocess executing this file as a script (the worker below). Both runs read the
+same small JSONL dataset through the real pipeline (per-process shard [process_index::process_count],
+`to_device_batch` -> global arrays) and take the same train steps. Checks: per-step losses equal
+the single-process run's (up to float summation order: the global batch's rows are interleaved
+differently), and each step's data shards are disjoint and together are exactly the
+single-process global batch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+HERE = os.path.abspath(__file__)
+REPO = os.path.dirname(os.path.dirname(HERE))
+STEPS = 3
+GLOBAL_BATCH = 16
+DEVICES_TOTAL = 8
+
+
+# ----------------------------------------------------------------------------- worker (subprocess)
+
+def _tiny_tc(data_path: str, image_folder: str, tokenizer: str):
+    from fusion_jax.train.presets import tiny_train_config
+    tc = tiny_train_config()
+    with tc.unlocked():
+        tc.global_batch_size = GLOBAL_BATCH
+        tc.total_steps = STEPS
+        tc.mesh = (-1, 1, 1)
+        tc.data.source = "path"
+        tc.data.path, tc.data.image_folder, tc.data.tokenizer = data_path, image_folder, tokenizer
+        tc.data.max_length = 160
+        tc.data.seq_buckets = (160,)
+        tc.data.instruct_buckets = (32,)
+        tc.data.max_instruct_len = 32
+        tc.data.order = "shuffle"
+        tc.data.worker_count = 0
+        tc.model.scan_layers = True            # fewer ops: quicker compile on 2 cores
+        tc.model.tiny.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=2, vision_hidden_size=16, vision_intermediate_size=32,
+                                  vision_layers=3, vision_heads=2, image_size=16, patch_size=4,
+                                  num_sampler_layers=1, sampler_stride=2, sampler_heads=2))
+    return tc
+
+
+def worker(pid: int, nproc: int, port: int, out: str, data_path: str, image_folder: str, tokenizer: str):
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if nproc > 1:
+        jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=nproc,
+                                   process_id=pid, initialization_timeout=120)
+    from fusion_jax.data.tokenizer import load_tokenizer
+    from fusion_jax.train import loop
+    from fusion_jax.train.data import build_iterator, to_device_batch
+
+    t0 = time.time()
+    tc = _tiny_tc(data_path, image_folder, tokenizer)
+    tok = load_tokenizer(tokenizer)
+    s = loop.Setup(tc, None, vocab_size=tok.vocab_size)
+    it = build_iterator(tc.data, s.cfg, tok, per_process_batch=GLOBAL_BATCH // nproc, seed=0)
+    state = s.init_state()
+    losses, ids = [], []
+    for _ in range(STEPS):
+        raw = next(it)
+        ids.append([str(x) for x in raw["ids"]])
+        state, m = s.train_step(state, to_device_batch(raw, s.mesh))
+        losses.append(float(jax.device_get(m["loss"])))
+    it.close()
+    rec = {"process_index": jax.process_index(), "process_count": jax.process_count(),
+           "local_devices": jax.local_device_count(), "devices": jax.device_count(),
+           "losses": losses, "ids": ids, "wall_s": time.time() - t0}
+    with open(out, "w") as f:
+        json.dump(rec, f)
+    if nproc > 1:
+        jax.distributed.shutdown()
+
+
+# ----------------------------------------------------------------------------- test
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(pid, nproc, port, out, data, tmp):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES_TOTAL // nproc}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    log = open(os.path.join(tmp, f"log_{nproc}_{pid}.txt"), "w")
+    return subprocess.Popen([sys.executable, HERE, str(pid), str(nproc), str(port), out, *data],
+                            env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT), log
+
+
+def test_two_processes_match_single_process(tmp_path):
+    from fusion_jax.data.testing import make_tokenizer_folder, write_dataset
+    path, imgdir = write_dataset(str(tmp_path / "data"), n=GLOBAL_BATCH * STEPS, size=24)
+    tok = make_tokenizer_folder(str(tmp_path / "tok"))
+    data = (path, imgdir, tok)
+    port = _free_port()
+    t0 = time.time()
+    runs = [(0, 1, 0), (0, 2, port), (1, 2, port)]
+    procs = []
+    for pid, n, p in runs:  # all three at once: the single-process run overlaps the pair's startup
+        out = str(tmp_path / f"out_{n}_{pid}.json")
+        procs.append((out,) + _spawn(pid, n, p, out, data, str(tmp_path)))
+    deadline = time.time() + 220
+    for out, proc, log in procs:
+        try:
+            rc = proc.wait(timeout=max(1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            for _, q, _ in procs:
+                q.kill()
+            rc = "timeout"
+        log.close()
+        if rc != 0:
+            logs = "\n".join(open(l.name).read()[-3000:] for _, _, l in procs)
+            pytest.fail(f"worker {out} exited {rc}:\n{logs}")
+    single, p0, p1 = (json.load(open(o)) for o, _, _ in procs)
+    wall = time.time() - t0
+    print(f"multi-process test wall {wall:.1f}s; single {single['losses']} multi {p0['losses']}")
+
+    assert single["devices"] == 8 and single["process_count"] == 1
+    assert (p0["process_count"], p0["local_devices"], p0["devices"]) == (2, 4, 8)
+    assert (p1["process_index"], p1["local_devices"]) == (1, 4)
+    # Losses: both processes see the same (global) loss, equal to the single-process run's.
+    assert p0["losses"] == p1["losses"]
+    for a, b in zip(single["losses"], p0["losses"]):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (single["losses"], p0["losses"])
+    # Data: per step the two shards are disjoint and together are the single-process batch.
+    for k in range(STEPS):
+        a, b = p0["ids"][k], p1["ids"][k]
+        assert len(a) == len(b) == GLOBAL_BATCH // 2
+        assert not set(a) & set(b), f"step {k}: shards overlap {set(a) & set(b)}"
+        assert sorted(a + b) == sorted(single["ids"][k]), f"step {k}: union != single-process batch"
+    # Across steps too, nothing is seen twice within the first epoch's steps.
+    seen = [i for k in range(STEPS) for i in p0["ids"][k] + p1["ids"][k]]
+    assert len(seen) == len(set(seen))
+
+
+if __name__ == "__main__":
+    pid, nproc, port, out, data_path, image_folder, tokenizer = sys.argv[1:8]
+    worker(int(pid), int(nproc), int(port), out, data_path, image_folder, tokenizer)
