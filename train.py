@@ -25,6 +25,8 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    from absl import logging
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
     from fusion_jax.train.loop import TrainingError, train
     cfg_path = flags.FLAGS["config"].config_filename if hasattr(flags.FLAGS["config"], "config_filename") \
         else "tiny"

@@ -378,7 +378,7 @@ def train(tc, workdir: str) -> dict:
                     resolve(pending)
                 pending = (step, metrics, info)
                 halt = stop.signum is not None or (tc.stop_after > 0 and step - start >= tc.stop_after)
-                if ck.should_save(step) or halt or step == s.total_steps:
+                if step % tc.checkpoint_every == 0 or halt or step == s.total_steps:
                     resolve(pending)
                     pending = None
                     ck.save(step, state, it.get_state(), meta_now(), force=True)
