@@ -12,7 +12,8 @@ alone. Semantics reproduced (see shared/golden/fusion_ref/README.md):
 * INSTRUCT markers in the labels become instruct positions, then IGNORE;
   with no labels the last token is the single instruct position (eval mode);
 * truncation to `max_length` keeps instruct positions < max_length and the
-  first q * (#instructs) latent positions.
+  first q * (#instructs) latent positions for refinement; every latent block
+  still inside the sequence holds the initial latents (`latent_fill_pos`).
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ class SampleLayout:
     token_ids: np.ndarray      # [n] text ids at their final positions, -1 at vision rows
     labels: np.ndarray         # [n] labels after splicing (IGNORE at vision rows / markers)
     image_pos: np.ndarray      # [P] or [0]
-    latent_pos: np.ndarray     # [L*q] (already truncated to the kept questions)
+    latent_pos: np.ndarray     # [L*q] rows the interaction layers refine (kept questions only)
+    latent_fill_pos: np.ndarray  # rows of every latent block: all receive the initial latents
     instruct_pos: np.ndarray   # [L]
     has_image: bool
 
@@ -96,22 +98,25 @@ def layout_sample(input_ids, labels=None, *, num_image_tokens: int, query_len: i
         tok, lbl = tok[:max_length], lbl[:max_length]
         instruct_pos = instruct_pos[instruct_pos < max_length]
         image_pos = image_pos[image_pos < max_length]
-    # The reference keeps the first q * L latent positions (L = kept questions).
+    fill = latent_pos[latent_pos < tok.shape[0]]
+    # The reference refines the first q * L latent positions (L = kept questions).
     latent_pos = latent_pos[: query_len * instruct_pos.shape[0]]
     latent_pos = latent_pos[latent_pos < tok.shape[0]]
-    return SampleLayout(tok, lbl, image_pos, latent_pos, instruct_pos, has_image)
+    return SampleLayout(tok, lbl, image_pos, latent_pos, fill, instruct_pos, has_image)
 
 
 def build_layout(input_ids, labels, instructs, *, num_image_tokens: int, query_len: int,
                  max_questions: int, seq_len: int | None = None, instruct_len: int | None = None,
                  pad_id: int = 0, max_length: int | None = None,
-                 attention_mask=None) -> dict[str, np.ndarray]:
+                 attention_mask=None, max_latent_blocks: int | None = None) -> dict[str, np.ndarray]:
     """Batch of reference-style samples -> fixed-shape arrays for the device.
 
     input_ids / labels / instructs: lists of 1-D arrays (or 2-D padded arrays with
     `attention_mask`, as the reference collator produces). `labels=None` means
     inference (last token is the instruct position).
     seq_len / instruct_len: bucket sizes; None = the batch maximum.
+    max_latent_blocks: width of `latent_fill_pos` in blocks of q (None: max_questions, or
+    more when a sample has more latent blocks than that, e.g. eval-convention prompts).
     Raises ValueError naming the sample when a bucket is too small.
     """
     B = len(input_ids)
@@ -138,6 +143,11 @@ def build_layout(input_ids, labels, instructs, *, num_image_tokens: int, query_l
         if l.instruct_pos.shape[0] > max_questions:
             raise ValueError(f"sample {b}: {l.instruct_pos.shape[0]} questions > max_questions="
                              f"{max_questions}")
+    need_blocks = max((l.latent_fill_pos.shape[0] // max(query_len, 1) for l in lays), default=0)
+    nb = max(max_questions, need_blocks) if max_latent_blocks is None else max_latent_blocks
+    if need_blocks > nb:
+        worst = int(np.argmax([l.latent_fill_pos.shape[0] for l in lays]))
+        raise ValueError(f"sample {worst}: {need_blocks} latent blocks > max_latent_blocks={nb}")
     ins = [np.asarray(x, np.int64).reshape(-1) for x in instructs]
     T = max((x.shape[0] for x in ins), default=1) if instruct_len is None else instruct_len
     T = max(T, 1)
@@ -153,6 +163,7 @@ def build_layout(input_ids, labels, instructs, *, num_image_tokens: int, query_l
         "position_ids": np.broadcast_to(np.arange(S, dtype=np.int32), (B, S)).copy(),
         "image_pos": np.full((B, num_image_tokens), -1, np.int32),
         "latent_pos": np.full((B, max_questions * query_len), -1, np.int32),
+        "latent_fill_pos": np.full((B, nb * query_len), -1, np.int32),
         "instruct_pos": np.full((B, max_questions), -1, np.int32),
         "has_image": np.zeros((B,), bool),
         "instructs": np.zeros((B, T), np.int32),
@@ -164,6 +175,7 @@ def build_layout(input_ids, labels, instructs, *, num_image_tokens: int, query_l
         out["attention_mask"][b, :n] = True
         out["image_pos"][b, :l.image_pos.shape[0]] = l.image_pos
         out["latent_pos"][b, :l.latent_pos.shape[0]] = l.latent_pos
+        out["latent_fill_pos"][b, :l.latent_fill_pos.shape[0]] = l.latent_fill_pos
         out["instruct_pos"][b, :l.instruct_pos.shape[0]] = l.instruct_pos
         out["has_image"][b] = l.has_image
         out["instructs"][b, :ins[b].shape[0]] = ins[b]

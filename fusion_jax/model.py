@@ -97,7 +97,8 @@ class FusionForCausalLM(nnx.Module):
         ipos = batch["image_pos"]
         x = x.at[bidx, jnp.where(ipos >= 0, ipos, S)].set(enc["image_features"].astype(x.dtype),
                                                           mode="drop")
-        lpos = batch["latent_pos"]
+        # every latent block gets the initial latents, refined or not (eval convention)
+        lpos = batch["latent_fill_pos"] if "latent_fill_pos" in batch else batch["latent_pos"]
         Lq = lpos.shape[1]
         q = enc["init_latent"].shape[1]
         lat = jnp.tile(enc["init_latent"], (1, Lq // q, 1))

@@ -38,6 +38,7 @@ def test_truncation_drops_whole_question_rounds():
     assert s.length == 20
     np.testing.assert_array_equal(s.instruct_pos, [15])          # question 2's marker (23) is cut
     np.testing.assert_array_equal(s.latent_pos, [10, 11, 12, 13])  # and so is its latent block
+    np.testing.assert_array_equal(s.latent_fill_pos, [10, 11, 12, 13, 18, 19])  # rows still in the sequence
 
 
 def test_inference_marks_last_token_and_refines_first_block_only():
@@ -45,8 +46,13 @@ def test_inference_marks_last_token_and_refines_first_block_only():
     s = layout_sample(ids[:7], None, num_image_tokens=9, query_len=4)
     assert list(s.instruct_pos) == [s.length - 1]
     lay = build_layout([ids], None, [np.array([10, 12])], num_image_tokens=9, query_len=4,
-                       max_questions=2)
+                       max_questions=1)
     assert (lay["instruct_pos"][0] >= 0).sum() == 1 and (lay["latent_pos"][0] >= 0).sum() == 4
+    # both latent blocks still receive the initial latents (reference splicing)
+    np.testing.assert_array_equal(lay["latent_fill_pos"][0], list(range(10, 14)) + list(range(18, 22)))
+    with pytest.raises(ValueError, match="latent blocks > max_latent_blocks=1"):
+        build_layout([ids], None, [np.array([10])], num_image_tokens=9, query_len=4, max_questions=1,
+                     max_latent_blocks=1)
 
 
 def test_batch_arrays_fixed_shapes_and_padding():

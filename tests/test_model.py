@@ -101,3 +101,21 @@ def test_scan_equals_unrolled_and_remat():
     for loss, g in outs[1:]:
         assert abs(loss - outs[0][0]) < 1e-5
         assert max(float(jnp.abs(a - c).max()) for a, c in zip(g, outs[0][1])) < 1e-5
+
+
+def test_unrefined_latent_blocks_hold_initial_latents():
+    """Eval convention: only block 0 is refined, but every block is spliced with init latents."""
+    from fusion_jax.layout import build_layout
+    from fusion_jax.testing import random_conversation
+    cfg = tiny_config("phi3")
+    model = FusionForCausalLM(cfg, rngs=nnx.Rngs(0))
+    ids, _, ins = random_conversation(np.random.default_rng(0), cfg.llm.vocab_size, 3, image=True)
+    lay = build_layout([ids], None, [ins], num_image_tokens=cfg.num_image_tokens, query_len=4,
+                       max_questions=1, seq_len=128, instruct_len=16)
+    lay["images"] = np.random.default_rng(1).uniform(-1, 1, (1, 5, 3, 32, 32)).astype(np.float32)
+    b = _jnp(lay)
+    enc = model.encode(b, 4)
+    x = np.asarray(model.splice(b, enc))
+    fill = lay["latent_fill_pos"][0]
+    assert (fill >= 0).sum() == 12 and (lay["latent_pos"][0] >= 0).sum() == 4
+    np.testing.assert_allclose(x[0, fill].reshape(3, 4, -1), np.broadcast_to(np.asarray(enc["init_latent"])[0], (3, 4, 64)), atol=1e-6)
