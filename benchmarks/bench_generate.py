@@ -29,7 +29,8 @@ def build(args):
     if args.size == "small":
         cfg = cfg.replace(llm=dataclasses.replace(cfg.llm, hidden_size=512, intermediate_size=1536,
                                                   num_hidden_layers=8, num_attention_heads=8,
-                                                  num_key_value_heads=8, vocab_size=4096))
+                                                  num_key_value_heads=8, vocab_size=4096,
+                                                  rope_scaling=None))
     _ = np
     return FusionForCausalLM(cfg, seed=0)
 
