@@ -14,9 +14,12 @@ def test_quickstart_notebook_executes(tmp_path):
     pytest.importorskip("ipykernel", reason="notebook execution needs ipykernel (dev extra)")
     pytest.importorskip("matplotlib", reason="the notebook plots with matplotlib (dev extra)")
     nb = nbformat.read(str(NB), as_version=4)
-    env_keep = os.environ.get("XLA_FLAGS")
-    # the kernel is a fresh process: one CPU device is enough and compiles faster
+    keep = {k: os.environ.get(k) for k in ("XLA_FLAGS", "PYTHONPATH")}
+    # the kernel is a fresh process: one CPU device is enough and compiles faster; it must
+    # import this checkout's fusion_jax even when the package is not installed
     os.environ["XLA_FLAGS"] = ""
+    root = str(NB.parents[1])
+    os.environ["PYTHONPATH"] = root + (os.pathsep + keep["PYTHONPATH"] if keep["PYTHONPATH"] else "")
     try:
         t = time.time()
         client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
@@ -24,10 +27,11 @@ def test_quickstart_notebook_executes(tmp_path):
         client.execute()
         elapsed = time.time() - t
     finally:
-        if env_keep is None:
-            os.environ.pop("XLA_FLAGS", None)
-        else:
-            os.environ["XLA_FLAGS"] = env_keep
+        for k, v in keep.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if o.get("output_type") == "error"]
     assert not errors
