@@ -39,21 +39,12 @@ TRACES = {"generate": 0, "decode_step": 0}   # Python-side trace counts (compile
 def prefill_inputs(model, batch):
     """(q, vision encodings, spliced input embeddings [B, S, D]).
 
-    When the batch carries `latent_fill_pos` (every latent block's rows, see
-    `latent_fill_positions`), blocks that are not refined (eval convention, later
-    questions) still receive the initial latents, as in the reference; without it they
-    keep the pad embedding.
+    Every latent block (`latent_fill_pos`) holds the initial latents, refined or not
+    (eval convention: only the first question's block is refined), as in the reference.
     """
     q = batch["latent_pos"].shape[1] // batch["instruct_pos"].shape[1]
     enc = model.encode(batch, q)
-    x = model.splice(batch, enc)
-    if "latent_fill_pos" in batch:
-        fpos = batch["latent_fill_pos"]
-        B, S, _ = x.shape
-        lat = jnp.tile(enc["init_latent"], (1, fpos.shape[1] // q, 1))
-        lat = lat * batch["has_image"][:, None, None].astype(lat.dtype)
-        x = x.at[jnp.arange(B)[:, None], jnp.where(fpos >= 0, fpos, S)].set(lat.astype(x.dtype), mode="drop")
-    return q, enc, x
+    return q, enc, model.splice(batch, enc)
 
 
 def prefill(model, batch, max_new_tokens: int):
@@ -286,27 +277,6 @@ def pick_query_len(cfg, query_len=None) -> int:
     return q
 
 
-def latent_fill_positions(input_ids, *, num_image_tokens: int, query_len: int,
-                          max_length: int | None = None) -> np.ndarray:
-    """Rows of *every* latent block of one unpadded sample after splicing (order-based, as
-    `fusion_jax.layout`: in an image sample the first placeholder takes the image tokens)."""
-    from fusion_jax.constants import IMAGE_TOKEN_INDEX, LATENT_IMAGE_TOKEN_INDEX
-    ids = np.asarray(input_ids)
-    has_image = bool((ids == IMAGE_TOKEN_INDEX).any())
-    rows, cur, k = [], 0, 0
-    for t in ids:
-        if t in (IMAGE_TOKEN_INDEX, LATENT_IMAGE_TOKEN_INDEX):
-            n = num_image_tokens if (has_image and k == 0) else query_len
-            if not (has_image and k == 0):
-                rows.append(np.arange(cur, cur + n))
-            cur += n
-            k += 1
-        else:
-            cur += 1
-    out = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-    return out[out < max_length] if max_length is not None else out
-
-
 def layout_padded(cfg, input_ids, instructs, images, *, attention_mask=None, labels=None,
                   query_len=None, seq_bucket: int = 0, instruct_bucket: int = 0, pad_id: int = 0):
     """Device batch for generation from reference-style inputs.
@@ -346,12 +316,6 @@ def layout_padded(cfg, input_ids, instructs, images, *, attention_mask=None, lab
                        instruct_len=_bucket(max(max(x.shape[0] for x in ins), 1), instruct_bucket),
                        pad_id=pad_id, max_length=cfg.max_length)
     lay.pop("labels", None)
-    fills = [latent_fill_positions(x, num_image_tokens=cfg.num_image_tokens, query_len=q,
-                                   max_length=cfg.max_length) for x in input_ids]
-    fill = np.full((len(fills), max(max(f.shape[0] for f in fills), q)), -1, np.int32)
-    for b, f in enumerate(fills):
-        fill[b, :f.shape[0]] = f
-    lay["latent_fill_pos"] = fill
     lay["images"] = np.asarray(images, np.float32)
     return lay
 
