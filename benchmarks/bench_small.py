@@ -243,6 +243,7 @@ def main(argv=None):
     p.add_argument("--forward", action="store_true", help="also time the forward alone")
     p.add_argument("--variants", action="store_true")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--profile-steps", type=int, default=2)
     p.add_argument("--precision", default="highest", choices=("default", "high", "highest"),
                    help="jax_default_matmul_precision (float32 parity with the reference: highest)")
     p.add_argument("--json", default=None)
@@ -287,7 +288,7 @@ def main(argv=None):
             res["variants"][name] = r["train_step"]["median_s"]
             print(f"  variant {name:40s} step {r['train_step']['median_s']:.3f} s", flush=True)
     if a.profile:
-        res["profile_fwd_bwd_s"] = profile_parts(cfg)
+        res["profile_fwd_bwd_s"] = profile_parts(cfg, warmup=1, steps=a.profile_steps)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -149,7 +149,8 @@ def aot_compile(tc, topology: str, *, mesh_shape=None, remat: str | None = None,
                 vision_remat: str | None = None, batch: int | None = None, seq: int | None = None,
                 query_len: int | None = None, max_questions: int | None = None,
                 instruct_len: int | None = None, grad_accum: int | None = None,
-                compute_dtype: str | None = None, log=lambda s: None) -> dict:
+                compute_dtype: str | None = None, scan_layers: bool | None = None,
+                log=lambda s: None) -> dict:
     """Lower and compile `tc`'s train step for `topology`; returns the report dict."""
     import jax
     from fusion_jax.train import flops as flops_lib
@@ -169,6 +170,8 @@ def aot_compile(tc, topology: str, *, mesh_shape=None, remat: str | None = None,
             tc.grad_accum = int(grad_accum)
         if compute_dtype is not None:
             tc.model.compute_dtype = compute_dtype
+        if scan_layers is not None:
+            tc.model.scan_layers = bool(scan_layers)
         if seq is not None:
             tc.data.max_length = int(seq)
         # Setup validates data.path for real datasets; AOT needs no data.
@@ -207,7 +210,7 @@ def aot_compile(tc, topology: str, *, mesh_shape=None, remat: str | None = None,
         "mesh": dict(mesh.shape), "remat_policy": tc.model.remat_policy,
         "vision_remat_policy": tc.model.vision_remat_policy, "compute_dtype": tc.model.compute_dtype,
         "global_batch": B, "grad_accum": int(tc.grad_accum), "seq_len": S, "query_len": q,
-        "max_questions": L, "instruct_len": T, "n_params": n_params,
+        "max_questions": L, "instruct_len": T, "n_params": n_params, "scan_layers": bool(tc.model.scan_layers),
         "hbm_bytes_per_device": chip["hbm"], "setup_s": round(t_setup, 2),
     }
     if crop != v.image_size:
@@ -318,6 +321,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-questions", type=int, default=None)
     p.add_argument("--instruct-len", type=int, default=None)
     p.add_argument("--compute-dtype", default=None, choices=("float32", "bfloat16"))
+    p.add_argument("--unrolled", action="store_true", help="scan_layers=False (compile-time comparison)")
     p.add_argument("--json", action="store_true", help="last stdout line: one JSON object")
     a = p.parse_args(argv)
     log = lambda s: print(s, file=sys.stderr if a.json else sys.stdout, flush=True)
@@ -326,7 +330,8 @@ def main(argv=None) -> int:
         rep = aot_compile(tc, a.topology, mesh_shape=parse_mesh(a.mesh) if a.mesh else None,
                           remat=a.remat, vision_remat=a.vision_remat, batch=a.batch, seq=a.seq,
                           query_len=a.query_len, max_questions=a.max_questions, instruct_len=a.instruct_len,
-                          grad_accum=a.grad_accum, compute_dtype=a.compute_dtype, log=log)
+                          grad_accum=a.grad_accum, compute_dtype=a.compute_dtype,
+                          scan_layers=False if a.unrolled else None, log=log)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         if a.json:

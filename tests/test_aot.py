@@ -1,0 +1,106 @@
+"""fusion_jax.tools.aot_compile on a micro config: the real train step compiled ahead of time for
+the local CPU backend (always) and for a small TPU topology (when libtpu is installed)."""
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+
+import pytest
+
+from fusion_jax.tools import aot_compile as A
+
+MICRO = textwrap.dedent("""
+    from fusion_jax.train.presets import tiny_train_config
+
+    def get_config():
+        tc = tiny_train_config()
+        tc.global_batch_size = 4
+        tc.mesh = (-1, 1, 1)
+        tc.data.max_length = 96
+        tc.data.max_questions = 1
+        tc.data.max_instruct_len = 16
+        tc.model.scan_layers = True
+        tc.model.remat_policy = "full"
+        tc.model.vision_remat_policy = "full"
+        tc.model.tiny.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=2, vision_hidden_size=16, vision_intermediate_size=32,
+                                  vision_layers=3, vision_heads=2, image_size=16, patch_size=4,
+                                  num_sampler_layers=1, sampler_stride=2, sampler_heads=2))
+        return tc
+""")
+
+
+@pytest.fixture
+def micro_cfg(tmp_path):
+    p = tmp_path / "micro.py"
+    p.write_text(MICRO)
+    return str(p)
+
+
+def _check_report(r, n_dev):
+    assert r["status"] == "ok" and r["fits"] is True
+    assert r["num_devices"] == n_dev and r["global_batch"] == 4 and r["seq_len"] == 96
+    assert r["remat_policy"] == "full" and r["scan_layers"] is True
+    for k in ("argument_bytes", "temp_bytes", "output_bytes", "bytes_per_device"):
+        assert isinstance(r[k], int) and r[k] >= 0
+    # donated state: outputs alias the arguments, so the total is not their sum
+    assert r["bytes_per_device"] == (r["argument_bytes"] + r["output_bytes"] - r["alias_bytes"]
+                                     + r["temp_bytes"] + r["code_bytes"])
+    assert r["argument_bytes"] > 0 and r["alias_bytes"] > 0
+    assert r["flops_per_step"] > 0 and r["model_flops_per_step"] > 0
+    assert r["compile_s"] > 0
+
+
+def test_cpu_compile_reports_memory_and_flops(micro_cfg, capsys):
+    rc = A.main(["--config", micro_cfg, "--topology", "cpu:2", "--mesh", "1,2,1", "--json"])
+    out = capsys.readouterr().out.strip().splitlines()
+    r = json.loads(out[-1])
+    assert rc == 0
+    _check_report(r, 2)
+    assert r["mesh"] == {"data": 1, "fsdp": 2, "tensor": 1}
+    for k in ("fits", "bytes_per_device", "hbm_bytes_per_device", "flops_per_step", "compile_s"):
+        assert k in r
+    assert r["command"].startswith("python -m fusion_jax.tools.aot_compile --config")
+
+
+def test_exit_status_and_errors(micro_cfg, capsys, monkeypatch):
+    rc = A.main(["--config", "configs/does_not_exist.py", "--topology", "cpu", "--json"])
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 2 and r["fits"] is False and "no such file" in r["error"]
+    base = {"topology": "cpu", "num_devices": 1, "device_kind": "cpu", "mesh": {}, "global_batch": 4,
+            "seq_len": 96, "grad_accum": 1, "query_len": 4, "remat_policy": "full",
+            "vision_remat_policy": "full", "compute_dtype": "float32", "setup_s": 0, "compile_s": 1.0,
+            "hbm_bytes_per_device": 16 << 30}
+    over = dict(base, fits=False, status="oom", bytes_per_device=None, error="RESOURCE_EXHAUSTED: ...")
+    monkeypatch.setattr(A, "aot_compile", lambda *a, **k: dict(over))
+    assert A.main(["--config", micro_cfg, "--topology", "cpu", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["fits"] is False
+
+
+def test_parsers():
+    used, cap = A.parse_oom("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
+                            "HLO temporaries (388.30G) exceeds available HBM (95.74G).")
+    assert round(used / 2 ** 30, 2) == 388.30 and round(cap / 2 ** 30, 2) == 95.74
+    used, cap = A.parse_oom("Ran out of memory in memory space hbm. Used 20.5G of 15.75G hbm.")
+    assert round(used / 2 ** 30, 1) == 20.5
+    assert A.parse_oom("something else") is None
+    assert A.parse_mesh("1,-1,1") == (1, -1, 1) and A.parse_mesh("(2, 2, 2)") == (2, 2, 2)
+
+
+def _has_libtpu():
+    try:
+        import libtpu  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+@pytest.mark.skipif(not _has_libtpu() or not os.environ.get("FUSION_TEST_TPU_AOT"),
+                    reason="needs libtpu (pip install 'jax[tpu]') and FUSION_TEST_TPU_AOT=1 (~1-2 min compile)")
+def test_tpu_topology_compile(micro_cfg):
+    tc = A.load_train_config(micro_cfg)
+    r = A.aot_compile(tc, "v5e:2x2", mesh_shape=(1, -1, 1))
+    _check_report(r, 4)
+    assert r["chip"] == "v5e" and r["hbm_bytes_per_device"] == 16 << 30
+    assert r["roofline_step_s"] > 0 and r["peak_flops_per_device"] == 197e12
