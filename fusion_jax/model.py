@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from fusion_jax import loss as L
@@ -16,6 +17,7 @@ from fusion_jax.config import FusionConfig
 from fusion_jax.interaction import InteractionLayer, context_windows
 from fusion_jax.llm import DecoderLayer, causal_keep, rope_cos_sin
 from fusion_jax.nn import Embed, Linear, Projector, RMSNorm, dtype_of, remat
+from fusion_jax.sharding import constrain
 from fusion_jax.vision import (SiglipVisionTower, adaptive_max_pool2d, resize_tokens,
                                stitch_tiles)
 
@@ -103,7 +105,8 @@ class FusionForCausalLM(nnx.Module):
         q = enc["init_latent"].shape[1]
         lat = jnp.tile(enc["init_latent"], (1, Lq // q, 1))
         lat = lat * batch["has_image"][:, None, None].astype(lat.dtype)
-        return x.at[bidx, jnp.where(lpos >= 0, lpos, S)].set(lat.astype(x.dtype), mode="drop")
+        x = x.at[bidx, jnp.where(lpos >= 0, lpos, S)].set(lat.astype(x.dtype), mode="drop")
+        return constrain(x, "batch", None, None)
 
     # ------------------------------------------------------------------ decoder
     def decode(self, x, batch, windows, *, cache=None, cache_index=None, keep=None,
@@ -118,44 +121,51 @@ class FusionForCausalLM(nnx.Module):
             keep = causal_keep(batch["attention_mask"])
         gd, state = nnx.split(m.layers)
         after = cfg.sampler_after if (S > 1 and windows is not None) else ()
-        bounds = [a + 1 for a in after] + [cfg.llm.num_hidden_layers]
-        gds = sst = None
-        if after:
-            gds, sst = nnx.split(m.vision_sampler_layers)
+        n = cfg.llm.num_hidden_layers
+        which = np.full((n,), -1, np.int32)          # interaction layer after decoder layer i
+        for k, a in enumerate(after):
+            which[a] = k
+        sampler = nnx.split(m.vision_sampler_layers) if after else None
+        B, D = x.shape[0], x.shape[2]
+        lq = batch["latent_pos"].shape[1] if after else 0
+
+        def interact(h, k):
+            gds, sst = sampler
+            layer = nnx.merge(gds, jax.tree.map(lambda a: a[k], sst))
+            h, so = layer(h, batch["instruct_pos"], batch["latent_pos"], windows)
+            return constrain(h, "batch", None, None), so.astype(h.dtype)
+
+        def skip(h, k):
+            return h, jnp.zeros((B, lq, D), h.dtype)
 
         def body(c, inp):
-            st, kv = inp
+            st, kv, k = inp
             h, kv = nnx.merge(gd, st)(c, cos, sin, keep, kv, cache_index)
-            return h, (kv, c if collect else None)
+            h = constrain(h, "batch", None, None)
+            so = None
+            if after:
+                if isinstance(k, (int, np.integer)):   # unrolled: static choice
+                    h, so = interact(h, int(k)) if k >= 0 else skip(h, k)
+                else:                                   # scanned: one program for all layers
+                    h, so = jax.lax.cond(k >= 0, interact, skip, h, jnp.maximum(k, 0))
+            return h, (kv, c if collect else None, so if collect else None)
 
         body = remat(body, cfg.remat_policy)
-        start, new_cache, hidden, sampler_out = 0, [], [], []
-        for k, end in enumerate(bounds):
-            if end > start:
-                seg = jax.tree.map(lambda a: a[start:end], state)
-                kv = None if cache is None else jax.tree.map(lambda a: a[start:end], cache)
-                if cfg.scan_layers:
-                    x, (kv, hs) = jax.lax.scan(body, x, (seg, kv))
-                else:
-                    outs = []
-                    for i in range(end - start):
-                        x, o = body(x, jax.tree.map(lambda a: a[i], (seg, kv)))
-                        outs.append(o)
-                    kv, hs = jax.tree.map(lambda *a: jnp.stack(a), *outs)
-                new_cache.append(kv)
-                hidden.append(hs)
-            if k < len(after):
-                layer = nnx.merge(gds, jax.tree.map(lambda a: a[k], sst))
-                x, so = layer(x, batch["instruct_pos"], batch["latent_pos"], windows)
-                sampler_out.append(so)
-            start = end
+        if cfg.scan_layers:
+            x, (new_cache, hs, so) = jax.lax.scan(body, x, (state, cache, jnp.asarray(which)))
+        else:
+            outs = []
+            for i in range(n):
+                x, o = body(x, (jax.tree.map(lambda a: a[i], state),
+                                None if cache is None else jax.tree.map(lambda a: a[i], cache),
+                                int(which[i])))
+                outs.append(o)
+            new_cache, hs, so = jax.tree.map(lambda *a: jnp.stack(a), *outs)
         x = m.norm(x)
-        if cache is not None:
-            new_cache = jax.tree.map(lambda *a: jnp.concatenate(a, 0), *new_cache)
         aux = {}
         if collect:
-            aux["layer_inputs"] = jnp.concatenate(hidden, 0)
-            aux["sampler_outputs"] = jnp.stack(sampler_out) if sampler_out else None
+            aux["layer_inputs"] = hs
+            aux["sampler_outputs"] = so[np.asarray(after)] if after else None
         return x, (new_cache if cache is not None else None), aux
 
     def logits(self, h):

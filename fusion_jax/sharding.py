@@ -99,6 +99,14 @@ def shard_model(model, mesh: Mesh, rules=RULES):
     return model
 
 
+def constrain(x, *axes):
+    """Activation sharding constraint by logical axes, active only under `jax.set_mesh`."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, spec_for(axes, x.shape, mesh))
+
+
 def batch_spec(ndim: int) -> P:
     return P(("data", "fsdp"), *([None] * (ndim - 1)))
 

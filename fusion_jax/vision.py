@@ -18,6 +18,7 @@ from flax import nnx
 
 from fusion_jax.config import VisionConfig
 from fusion_jax.nn import ACT, LayerNorm, Linear, dtype_of, scan_layers, _param
+from fusion_jax.sharding import constrain
 
 NEG = float(np.finfo(np.float32).min)
 
@@ -87,8 +88,10 @@ class SiglipEmbeddings(nnx.Module):
 
     def __call__(self, pixels):
         """pixels [N, C, H, W] (NCHW like the reference) -> [N, P, D]."""
-        N, C, H, W = pixels.shape
         p = self.patch_size
+        # a VALID conv ignores the remainder rows/cols (384 px with 14 px patches)
+        pixels = pixels[:, :, : pixels.shape[2] // p * p, : pixels.shape[3] // p * p]
+        N, C, H, W = pixels.shape
         x = pixels.reshape(N, C, H // p, p, W // p, p).transpose(0, 2, 4, 1, 3, 5)
         x = x.reshape(N, (H // p) * (W // p), C * p * p)
         return self.patch_embedding(x) + self.position_embedding[...].astype(dtype_of(self.dtype))
@@ -145,6 +148,7 @@ class SiglipVisionTower(nnx.Module):
                 out = layer(h, jnp.where(is_early, keep_e, keep_l), None)
             else:
                 out = layer(h, keep_l, uni_e & is_early)
+            out = constrain(out, "batch", None, None)
             return (out, s1, s2), (h if return_hidden else None)
 
         zeros = jnp.zeros(x.shape, jnp.float32)

@@ -43,3 +43,17 @@ def test_fusion_l_resize_matches_interpolate(src, dst):
     want = F.interpolate(t, size=(dst, dst), mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
     got = np.asarray(resize_tokens(jnp.asarray(x), src, dst))
     np.testing.assert_allclose(got, want.reshape(2, dst * dst, 6).numpy(), atol=1e-5)
+
+
+def test_patch_embedding_ignores_remainder_like_valid_conv():
+    """so400m: 384 px / 14 px patches -> 27x27, the last 6 rows/cols are never read."""
+    from flax import nnx
+    from fusion_jax.config import VisionConfig
+    from fusion_jax.vision import SiglipEmbeddings
+    cfg = VisionConfig(hidden_size=8, image_size=30, patch_size=7)
+    emb = SiglipEmbeddings(cfg, rngs=nnx.Rngs(0), param_dtype="float32", dtype="float32")
+    x = np.random.default_rng(0).standard_normal((2, 3, 30, 30)).astype(np.float32)
+    w = np.asarray(emb.patch_embedding.kernel[...]).T.reshape(8, 3, 7, 7)
+    conv = F.conv2d(torch.as_tensor(x), torch.as_tensor(w), torch.as_tensor(np.asarray(emb.patch_embedding.bias[...])), stride=7)
+    want = conv.flatten(2).transpose(1, 2).numpy() + np.asarray(emb.position_embedding[...])
+    np.testing.assert_allclose(np.asarray(emb(jnp.asarray(x))), want, atol=1e-5)

@@ -188,6 +188,12 @@ def train_step_fn(cfg: FusionConfig, graphdef, tx, labels, schedules: dict | Non
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state, batch):
+        if mesh is not None:  # lets the model's activation constraints see the mesh
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+                return _train_step(state, batch)
+        return _train_step(state, batch)
+
+    def _train_step(state, batch):
         batch = model_batch(batch)
         params = state["params"]
         totals = loss_weights(cfg, batch)
