@@ -73,7 +73,7 @@ def spec_for(axes: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh
         cand = (target,) if isinstance(target, str) else tuple(target)
         keep, size = [], 1
         for ax in cand:
-            n = mesh.shape[ax]
+            n = mesh.shape.get(ax, 1)   # meshes without this axis replicate over it
             if ax in used or n == 1 or dim % (size * n):
                 continue
             keep.append(ax)
