@@ -15,9 +15,8 @@ from fusion_jax.layout import build_layout
 from fusion_jax.sharding import make_mesh
 from fusion_jax.train import loop, presets
 
-jax.config.update("jax_compilation_cache_dir", os.path.join(os.environ.get("TMPDIR", "/tmp"),
-                                                          "fusion_jax_test_jit_cache"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+# No persistent compilation cache: XLA:CPU aborted executing a cached sharded step after
+# another test compiled for a different device subset (seen with jax 0.10.2).
 
 
 def _tc(**kw):
