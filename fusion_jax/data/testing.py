@@ -29,15 +29,8 @@ def make_tokenizer_folder(path: str, *, add_bos: bool = True, vocab_size: int = 
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS * 5, trainer=trainer)
-    os.makedirs(path, exist_ok=True)
-    tok.save(os.path.join(path, "tokenizer.json"))
-    cfg = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>",
-           "add_bos_token": add_bos, "add_eos_token": False, "model_max_length": 4096}
-    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump(cfg, f)
-    with open(os.path.join(path, "special_tokens_map.json"), "w") as f:
-        json.dump({k: cfg[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}, f)
-    return path
+    from fusion_jax.data.tokenizer import write_tokenizer_folder
+    return write_tokenizer_folder(tok, path, add_bos=add_bos)
 
 
 def gradient_image(w: int, h: int, mode: str = "RGB", seed: int = 0) -> Image.Image:

@@ -86,3 +86,16 @@ def load_tokenizer(path: str, *, add_vision_tokens: bool = True) -> TextTokenize
         tok, bos_token=_token_str(cfg.get("bos_token")), eos_token=_token_str(cfg.get("eos_token")),
         pad_token=_token_str(cfg.get("pad_token")) or _token_str(cfg.get("unk_token")),
         add_bos=cfg.get("add_bos_token"), add_eos=cfg.get("add_eos_token"), name=os.path.basename(path))
+
+
+def write_tokenizer_folder(tok, path: str, *, add_bos: bool = True) -> str:
+    """Save a trained `tokenizers.Tokenizer` as an HF tokenizer folder (json + config + map)."""
+    os.makedirs(path, exist_ok=True)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    cfg = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>",
+           "add_bos_token": add_bos, "add_eos_token": False, "model_max_length": 4096}
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f)
+    with open(os.path.join(path, "special_tokens_map.json"), "w") as f:
+        json.dump({k: cfg[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}, f)
+    return path

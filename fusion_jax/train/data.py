@@ -37,14 +37,8 @@ def train_tokenizer(data_dir: str, out: str, vocab_size: int = 512) -> str:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(_synth_texts(data_dir), trainer=trainer)
     tmp = out + ".tmp"
-    os.makedirs(tmp, exist_ok=True)
-    tok.save(os.path.join(tmp, "tokenizer.json"))
-    cfg = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>",
-           "add_bos_token": True, "add_eos_token": False, "model_max_length": 4096}
-    with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
-        json.dump(cfg, f)
-    with open(os.path.join(tmp, "special_tokens_map.json"), "w") as f:
-        json.dump({k: cfg[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}, f)
+    from fusion_jax.data.tokenizer import write_tokenizer_folder
+    write_tokenizer_folder(tok, tmp, add_bos=True)
     if os.path.isdir(out):
         import shutil
         shutil.rmtree(out)
