@@ -468,6 +468,15 @@ def load_model(ckpt: str, **overrides):
     return from_pretrained(ckpt, **overrides)
 
 
+def load_for_cli(a):
+    """(tokenizer, model) for the generate/eval CLIs from their shared --ckpt/--tokenizer options."""
+    from fusion_jax.data.tokenizer import load_tokenizer
+    tok = load_tokenizer(find_tokenizer_dir(a.ckpt, a.tokenizer))
+    model = load_model(a.ckpt, **model_overrides(a))
+    pick_query_len(model.cfg, a.query_len)
+    return tok, model
+
+
 def model_overrides(args) -> dict:
     ov = {}
     if getattr(args, "image_grid", None):
@@ -515,15 +524,12 @@ def main(argv=None) -> int:
                          "answered by the model in order)")
     ap.add_argument("--show-prompt", action="store_true")
     a = ap.parse_args(argv)
-    from fusion_jax.data.tokenizer import load_tokenizer
     from fusion_jax.data.templates import TEMPLATES
     if a.template is not None and a.template not in TEMPLATES:
         print(f"unknown template {a.template!r}; choose one of {sorted(TEMPLATES)}", file=sys.stderr)
         return 2
     try:
-        tok = load_tokenizer(find_tokenizer_dir(a.ckpt, a.tokenizer))
-        model = load_model(a.ckpt, **model_overrides(a))
-        pick_query_len(model.cfg, a.query_len)
+        tok, model = load_for_cli(a)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -58,8 +58,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "score":
         return score_main(argv[1:])
-    from fusion_jax.generate import (add_generation_args, find_tokenizer_dir, generation_config,
-                                     load_model, model_overrides, pick_query_len)
+    from fusion_jax.generate import add_generation_args, generation_config, load_for_cli
     ap = argparse.ArgumentParser(prog="python -m fusion_jax.eval", description=__doc__.splitlines()[0])
     add_generation_args(ap)
     ap.add_argument("--questions", required=True, help="model_vqa questions JSONL")
@@ -77,13 +76,10 @@ def main(argv=None) -> int:
     ap.set_defaults(max_new_tokens=32)
     a = ap.parse_args(argv)
 
-    from fusion_jax.data.tokenizer import load_tokenizer
     from fusion_jax.eval.runner import read_jsonl, run_eval, write_jsonl
     try:
         questions = read_jsonl(a.questions)
-        tok = load_tokenizer(find_tokenizer_dir(a.ckpt, a.tokenizer))
-        model = load_model(a.ckpt, **model_overrides(a))
-        pick_query_len(model.cfg, a.query_len)
+        tok, model = load_for_cli(a)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
