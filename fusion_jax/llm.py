@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fusion_jax.attention import attention
 from fusion_jax.config import LLMConfig
 from fusion_jax.nn import ACT, Linear, RMSNorm, dtype_of
 
@@ -93,7 +94,7 @@ def apply_rope(x, cos, sin):
 # ----------------------------------------------------------------------------- layers
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: LLMConfig, *, stack, rngs, param_dtype, dtype):
+    def __init__(self, cfg: LLMConfig, *, stack, rngs, param_dtype, dtype, attn_impl="auto"):
         D, H, KV, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_per_head
         kw = dict(stack=stack, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         self.fused = cfg.family == "phi3"
@@ -105,7 +106,7 @@ class Attention(nnx.Module):
             self.k_proj = Linear(D, KV * hd, use_bias=b, axes=("embed", "kv_heads"), **kw)
             self.v_proj = Linear(D, KV * hd, use_bias=b, axes=("embed", "kv_heads"), **kw)
         self.o_proj = Linear(H * hd, D, use_bias=False, axes=("heads", "embed"), **kw)
-        self.H, self.KV, self.hd = H, KV, hd
+        self.H, self.KV, self.hd, self.attn_impl = H, KV, hd, attn_impl
 
     def __call__(self, x, cos, sin, keep, cache=None, cache_index=None):
         B, S, _ = x.shape
@@ -127,12 +128,7 @@ class Attention(nnx.Module):
             vc = vc.at[bidx, slots].set(v.astype(vc.dtype), mode="drop")
             new_cache = (kc, vc)
             k, v = kc.astype(q.dtype), vc.astype(q.dtype)
-        G = H // KV
-        qg = q.reshape(B, S, KV, G, hd)
-        s = jnp.einsum("bqkgd,bskd->bkgqs", qg, k) * (hd ** -0.5)
-        s = jnp.where(keep[:, None, None], s.astype(jnp.float32), NEG)
-        p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-        o = jnp.einsum("bkgqs,bskd->bqkgd", p, v).reshape(B, S, H * hd)
+        o = attention(q, k, v, keep=keep, impl=self.attn_impl).reshape(B, S, H * hd)
         return self.o_proj(o), new_cache
 
 
@@ -158,10 +154,11 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: LLMConfig, *, stack=(), rngs, param_dtype="float32", dtype="float32"):
+    def __init__(self, cfg: LLMConfig, *, stack=(), rngs, param_dtype="float32", dtype="float32",
+                 attn_impl="auto"):
         kw = dict(stack=stack, param_dtype=param_dtype, dtype=dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
-        self.self_attn = Attention(cfg, rngs=rngs, **kw)
+        self.self_attn = Attention(cfg, rngs=rngs, attn_impl=attn_impl, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
         self.mlp = MLP(cfg, rngs=rngs, **kw)
 

@@ -27,11 +27,12 @@ class FusionModel(nnx.Module):
         c, v = cfg.llm, cfg.vision
         kw = dict(param_dtype=cfg.param_dtype, dtype=cfg.compute_dtype)
         self.embed_tokens = Embed(c.vocab_size, c.hidden_size, rngs=rngs, **kw)
-        self.layers = DecoderLayer(c, stack=(c.num_hidden_layers,), rngs=rngs, **kw)
+        self.layers = DecoderLayer(c, stack=(c.num_hidden_layers,), rngs=rngs,
+                                   attn_impl=cfg.attention_impl, **kw)
         self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, **kw)
         self.vision_tower = SiglipVisionTower(v, rngs=rngs, early_mask_mode=cfg.early_mask_mode,
                                               remat_policy=cfg.vision_remat_policy or cfg.remat_policy,
-                                              scan=cfg.scan_layers, **kw)
+                                              scan=cfg.scan_layers, attn_impl=cfg.attention_impl, **kw)
         d = cfg.projector_depth
         self.mm_projector = Projector(3 * v.hidden_size, c.hidden_size, d, rngs=rngs,
                                       axes_in=("vision_mlp", "embed"), axes_out=("mlp", "embed"), **kw)

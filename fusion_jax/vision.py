@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fusion_jax.attention import attention
 from fusion_jax.config import VisionConfig
 from fusion_jax.nn import ACT, LayerNorm, Linear, dtype_of, scan_layers, _param
 from fusion_jax.sharding import constrain
@@ -24,14 +25,14 @@ NEG = float(np.finfo(np.float32).min)
 
 
 class SiglipAttention(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, stack, rngs, param_dtype, dtype):
+    def __init__(self, cfg: VisionConfig, *, stack, rngs, param_dtype, dtype, attn_impl="auto"):
         D = cfg.hidden_size
         kw = dict(stack=stack, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         self.q_proj = Linear(D, D, axes=("vision_embed", "vision_heads"), **kw)
         self.k_proj = Linear(D, D, axes=("vision_embed", "vision_heads"), **kw)
         self.v_proj = Linear(D, D, axes=("vision_embed", "vision_heads"), **kw)
         self.out_proj = Linear(D, D, axes=("vision_heads", "vision_embed"), **kw)
-        self.num_heads = cfg.num_attention_heads
+        self.num_heads, self.attn_impl = cfg.num_attention_heads, attn_impl
 
     def __call__(self, x, keep, uniform):
         """keep: [B, Q, K] bool or None; uniform: [B, Q] bool rows forced uniform, or None."""
@@ -41,15 +42,8 @@ class SiglipAttention(nnx.Module):
         q = self.q_proj(x).reshape(B, N, H, hd)
         k = self.k_proj(x).reshape(B, N, H, hd)
         v = self.v_proj(x).reshape(B, N, H, hd)
-        s = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (hd ** -0.5)
-        s = s.astype(jnp.float32)
-        if keep is not None:
-            s = jnp.where(keep[:, None], s, NEG)
-        if uniform is not None:
-            s = jnp.where(uniform[:, None, :, None], 0.0, s)
-        p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-        o = jnp.einsum("bhqk,bkhd->bqhd", p, v).reshape(B, N, D)
-        return self.out_proj(o)
+        o = attention(q, k, v, keep=keep, uniform=uniform, impl=self.attn_impl)
+        return self.out_proj(o.reshape(B, N, D))
 
 
 class SiglipMLP(nnx.Module):
@@ -64,10 +58,11 @@ class SiglipMLP(nnx.Module):
 
 
 class SiglipEncoderLayer(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, stack=(), rngs, param_dtype="float32", dtype="float32"):
+    def __init__(self, cfg: VisionConfig, *, stack=(), rngs, param_dtype="float32", dtype="float32",
+                 attn_impl="auto"):
         kw = dict(stack=stack, param_dtype=param_dtype, dtype=dtype)
         self.layer_norm1 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, **kw)
-        self.self_attn = SiglipAttention(cfg, rngs=rngs, **kw)
+        self.self_attn = SiglipAttention(cfg, rngs=rngs, attn_impl=attn_impl, **kw)
         self.layer_norm2 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, **kw)
         self.mlp = SiglipMLP(cfg, rngs=rngs, **kw)
 
@@ -101,11 +96,11 @@ class SiglipVisionTower(nnx.Module):
     """SigLIP without its last layer and head; `post_layernorm` kept (unused, as in the reference)."""
 
     def __init__(self, cfg: VisionConfig, *, rngs, param_dtype="float32", dtype="float32",
-                 early_mask_mode="reference", remat_policy="none", scan=True):
+                 early_mask_mode="reference", remat_policy="none", scan=True, attn_impl="auto"):
         self.cfg = cfg
         self.embeddings = SiglipEmbeddings(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         self.layers = SiglipEncoderLayer(cfg, stack=(cfg.num_layers,), rngs=rngs,
-                                         param_dtype=param_dtype, dtype=dtype)
+                                         param_dtype=param_dtype, dtype=dtype, attn_impl=attn_impl)
         self.post_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps,
                                         param_dtype=param_dtype, dtype=dtype)
         self.early_mask_mode, self.remat_policy, self.scan = early_mask_mode, remat_policy, scan

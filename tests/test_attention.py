@@ -1,0 +1,55 @@
+"""The CPU `loop` attention equals the batched `xla` one (values and gradients), masks and GQA included."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fusion_jax.attention import attention, resolve_impl
+
+
+def _inputs(B=2, Q=70, K=70, H=4, KV=2, d=8, seed=0):
+    r = np.random.default_rng(seed)
+    q = jnp.asarray(r.normal(size=(B, Q, H, d)), jnp.float32)
+    k = jnp.asarray(r.normal(size=(B, K, KV, d)), jnp.float32)
+    v = jnp.asarray(r.normal(size=(B, K, KV, d)), jnp.float32)
+    keep = jnp.asarray(r.random((B, Q, K)) > 0.3)
+    uniform = jnp.asarray(r.random((B, Q)) > 0.8)
+    return q, k, v, keep, uniform
+
+
+@pytest.mark.parametrize("kv,masked", [(4, False), (2, True), (1, True)])
+def test_loop_equals_xla(kv, masked):
+    q, k, v, keep, uniform = _inputs(KV=kv)
+    kw = dict(keep=keep, uniform=uniform) if masked else {}
+
+    def f(impl):
+        return lambda q, k, v: jnp.sum(jnp.sin(attention(q, k, v, impl=impl, **kw)))
+
+    with jax.default_matmul_precision("highest"):
+        a = jax.jit(attention, static_argnames="impl")(q, k, v, impl="xla", **kw)
+        b = jax.jit(attention, static_argnames="impl")(q, k, v, impl="loop", **kw)
+        ga = jax.jit(jax.grad(f("xla"), argnums=(0, 1, 2)))(q, k, v)
+        gb = jax.jit(jax.grad(f("loop"), argnums=(0, 1, 2)))(q, k, v)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    for x, y in zip(ga, gb):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+
+
+def test_uniform_rows_average_all_values():
+    q, k, v, keep, _ = _inputs(KV=4)
+    uniform = jnp.zeros((2, 70), bool).at[:, 5].set(True)
+    o = attention(q, k, v, keep=keep, uniform=uniform, impl="loop")
+    np.testing.assert_allclose(np.asarray(o[:, 5]), np.asarray(v.mean(1)), atol=1e-5)
+
+
+def test_auto_picks_xla_when_sharded_or_decoding():
+    assert resolve_impl("auto", 1) == "xla"
+    if jax.default_backend() == "cpu":
+        assert resolve_impl("auto", 128) == "loop"
+    mesh = jax.make_mesh((len(jax.devices()),), ("data",),
+                         axis_types=(jax.sharding.AxisType.Auto,))
+    if mesh.size > 1:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            assert resolve_impl("auto", 128) == "xla"
+    with pytest.raises(ValueError, match="attention_impl"):
+        resolve_impl("flash", 128)
