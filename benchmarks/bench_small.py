@@ -154,8 +154,8 @@ def bench_train(cfg, warmup, steps, forward_only=False):
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     batch = {k: jax.numpy.asarray(v) for k, v in train_batch(cfg).items()}
 
-    def loss_fn(p, b):
-        out = nnx.merge(graphdef, p)(b)
+    def loss_fn(p, b):  # what the train step computes (loss only, no full logits)
+        out = nnx.merge(graphdef, p)(b, return_logits=False)
         return out["loss"], out["num_targets"]
 
     step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))

@@ -135,6 +135,7 @@ class FusionConfig:
     remat_policy: str = "none"               # decoder layers: none | full | dots | dots_no_batch | nothing
     vision_remat_policy: str | None = None   # vision layers; None = same as remat_policy
     attention_impl: str = "auto"             # auto | xla | loop (fusion_jax.attention)
+    loss_chunk: int = 256                    # train-step CE: head + CE over chunks of target rows
 
     def __post_init__(self):
         if self.early_mask_mode not in EARLY_MASK_MODES:

@@ -25,6 +25,43 @@ def cross_entropy(logits, labels):
     return jnp.where(n > 0, nll.sum() / jnp.maximum(n, 1), 0.0), n
 
 
+def chunked_cross_entropy(h, labels, head, chunk: int):
+    """`cross_entropy(head(h), labels)` without materialising [B, S, V] logits.
+
+    Rows with a target are moved to the front of each sample (stable), then `head` + CE run
+    per chunk of `chunk` rows under remat; chunks without any target are skipped at run time
+    (`lax.cond`), so the head costs ~#targets rows instead of S, with one compiled program.
+    """
+    B, S, D = h.shape
+    tg = jnp.concatenate([labels[:, 1:], jnp.full((B, 1), IGNORE_INDEX, labels.dtype)], 1)
+    order = jnp.argsort(tg == IGNORE_INDEX, axis=1, stable=True)
+    hs = jnp.take_along_axis(h, order[..., None], axis=1)
+    ts = jnp.take_along_axis(tg, order, axis=1)
+    C = max(1, min(int(chunk), S))
+    n_chunks = -(-S // C)
+    pad = n_chunks * C - S
+    hs = jnp.pad(hs, ((0, 0), (0, pad), (0, 0)))
+    ts = jnp.pad(ts, ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
+    hs = jnp.swapaxes(hs.reshape(B, n_chunks, C, D), 0, 1)
+    ts = jnp.swapaxes(ts.reshape(B, n_chunks, C), 0, 1)
+
+    def nll_sum(hc, tc):
+        lg = head(hc).astype(jnp.float32)
+        valid = tc != IGNORE_INDEX
+        logz = jax.nn.logsumexp(lg, axis=-1)
+        picked = jnp.take_along_axis(lg, jnp.where(valid, tc, 0)[..., None], axis=-1)[..., 0]
+        return jnp.sum(jnp.where(valid, logz - picked, 0.0))
+
+    def body(total, xs):
+        hc, tc = xs
+        s = jax.lax.cond(jnp.any(tc != IGNORE_INDEX), nll_sum, lambda *_: jnp.float32(0.0), hc, tc)
+        return total + s, None
+
+    total, _ = jax.lax.scan(jax.checkpoint(body, prevent_cse=False), jnp.float32(0.0), (hs, ts))
+    n = jnp.sum(tg != IGNORE_INDEX)
+    return jnp.where(n > 0, total / jnp.maximum(n, 1), 0.0), n
+
+
 def _normalize(x):
     x = x.astype(jnp.float32)
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)

@@ -177,11 +177,13 @@ class FusionForCausalLM(nnx.Module):
         return out.astype(jnp.float32)
 
     # ------------------------------------------------------------------ full forward
-    def __call__(self, batch, *, return_intermediates: bool = False):
+    def __call__(self, batch, *, return_intermediates: bool = False, return_logits: bool = True):
         """Training/prefill forward on a laid-out batch (see `fusion_jax.layout`).
 
         Returns logits, loss, ce_loss, instruct_cos_loss, vision_cos_loss, dsm_loss
-        (and intermediates on request).
+        (and intermediates on request). `return_logits=False` (the train step) computes the
+        CE in chunks of `cfg.loss_chunk` target rows and returns no logits: same loss and
+        gradients, without the [B, S, V] tensor or the head's work on non-target rows.
         """
         cfg = self.cfg
         q = batch["latent_pos"].shape[1] // batch["instruct_pos"].shape[1]
@@ -190,9 +192,15 @@ class FusionForCausalLM(nnx.Module):
         windows = (context_windows(enc["global_ctx"], q, cfg.window_size)
                    if self.model.vision_sampler_layers is not None else None)
         h, _, aux = self.decode(x, batch, windows, collect=return_intermediates)
-        logits = self.logits(h)
-        out = {"logits": logits}
-        if "labels" in batch and batch["labels"] is not None:
+        has_labels = "labels" in batch and batch["labels"] is not None
+        if return_logits or not has_labels:
+            logits = self.logits(h)
+            out = {"logits": logits}
+        else:
+            out = {}
+        if has_labels and not return_logits:
+            ce, n = L.chunked_cross_entropy(h, batch["labels"], self.logits, cfg.loss_chunk)
+        elif has_labels:
             ce, n = L.cross_entropy(logits, batch["labels"])
         else:
             ce, n = jnp.float32(0.0), jnp.int32(0)

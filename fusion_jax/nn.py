@@ -38,7 +38,12 @@ class Linear(nnx.Module):
 
     def __call__(self, x):
         dt = dtype_of(self.dtype)
-        y = jnp.matmul(x.astype(dt), self.kernel[...].astype(dt))
+        w = self.kernel[...].astype(dt)
+        if w.ndim == 2 and x.ndim > 2:
+            # one 2-D matmul: XLA:CPU runs the weight gradient of [B, N, D] inputs ~2x slower
+            y = jnp.matmul(x.astype(dt).reshape(-1, x.shape[-1]), w).reshape(x.shape[:-1] + w.shape[-1:])
+        else:
+            y = jnp.matmul(x.astype(dt), w)
         if self.bias is not None:
             y = y + self.bias[...].astype(dt)
         return y

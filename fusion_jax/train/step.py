@@ -180,7 +180,7 @@ def train_step_fn(cfg: FusionConfig, graphdef, tx, labels, schedules: dict | Non
     def loss_fn(params, mb, totals):
         params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
         model = nnx.merge(graphdef, params)
-        out = model(mb)
+        out = model(mb, return_logits=False)
         obj, parts = micro_objective(cfg, out, mb, totals)
         parts["num_targets"] = out["num_targets"]
         return obj, parts
