@@ -134,7 +134,7 @@ class FusionConfig:
     scan_layers: bool = True
     remat_policy: str = "none"               # decoder layers: none | full | dots | dots_no_batch | nothing
     vision_remat_policy: str | None = None   # vision layers; None = same as remat_policy
-    attention_impl: str = "auto"             # auto | xla | loop (fusion_jax.attention)
+    attention_impl: str = "auto"             # auto | xla | loop | chunked (fusion_jax.attention)
     loss_chunk: int = 256                    # train-step CE: head + CE over chunks of target rows
 
     def __post_init__(self):
@@ -145,8 +145,8 @@ class FusionConfig:
         for q in self.query_len:
             if math.isqrt(q) ** 2 != q:
                 raise ValueError(f"query_len {q} is not a perfect square")
-        if self.attention_impl not in ("auto", "xla", "loop"):
-            raise ValueError(f"attention_impl={self.attention_impl!r}: expected auto, xla or loop")
+        if self.attention_impl not in ("auto", "xla", "loop", "chunked"):
+            raise ValueError(f"attention_impl={self.attention_impl!r}: expected auto, xla, loop or chunked")
         self.projector_depth  # validates the type
         if self.llm.hidden_size % self.sampler_heads:
             raise ValueError(f"llm.hidden_size {self.llm.hidden_size} not divisible by "

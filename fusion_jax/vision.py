@@ -18,7 +18,7 @@ from flax import nnx
 
 from fusion_jax.attention import attention
 from fusion_jax.config import VisionConfig
-from fusion_jax.nn import ACT, LayerNorm, Linear, dtype_of, scan_layers, _param
+from fusion_jax.nn import ACT, LayerNorm, Linear, dtype_of, remat, scan_layers, _param
 from fusion_jax.sharding import constrain
 
 NEG = float(np.finfo(np.float32).min)
@@ -132,24 +132,30 @@ class SiglipVisionTower(nnx.Module):
         early = np.arange(cfg.num_layers) < k
         group = np.where(early, 0, np.where(np.arange(cfg.num_layers) < 2 * k, 1, 2))
 
+        def run(st, h, is_early):
+            layer = nnx.merge(layer_def, st)
+            if keep_e is None:
+                return layer(h, None, None)
+            if uni_e is None:
+                return layer(h, jnp.where(is_early, keep_e, keep_l), None)
+            return layer(h, keep_l, uni_e & is_early)
+
+        # remat the layer only: the running sums are linear and must not be saved per layer
+        run = remat(run, self.remat_policy)
+        layer_def = nnx.graphdef(self.layers)
+
         def body(layer, carry, xs):
             h, s1, s2 = carry
             is_early, g = xs
             s1 = s1 + jnp.where(g == 0, h, 0).astype(jnp.float32)
             s2 = s2 + jnp.where(g == 1, h, 0).astype(jnp.float32)
-            if keep_e is None:
-                out = layer(h, None, None)
-            elif uni_e is None:
-                out = layer(h, jnp.where(is_early, keep_e, keep_l), None)
-            else:
-                out = layer(h, keep_l, uni_e & is_early)
-            out = constrain(out, "batch", None, None)
+            out = constrain(run(nnx.state(layer), h, is_early), "batch", None, None)
             return (out, s1, s2), (h if return_hidden else None)
 
         zeros = jnp.zeros(x.shape, jnp.float32)
         (h, s1, s2), hs = scan_layers(self.layers, body, (x, zeros, zeros),
                                       (jnp.asarray(early), jnp.asarray(group)),
-                                      unroll=not self.scan, remat_policy=self.remat_policy)
+                                      unroll=not self.scan)
         feats = jnp.concatenate([h.astype(jnp.float32), s1 / k, s2 / k], -1).astype(h.dtype)
         if return_hidden:
             hs = jnp.concatenate([hs, h[None]], 0)

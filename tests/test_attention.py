@@ -17,8 +17,10 @@ def _inputs(B=2, Q=70, K=70, H=4, KV=2, d=8, seed=0):
     return q, k, v, keep, uniform
 
 
-@pytest.mark.parametrize("kv,masked", [(4, False), (2, True), (1, True)])
-def test_loop_equals_xla(kv, masked):
+@pytest.mark.parametrize("kv,masked,impl", [(4, False, "loop"), (2, True, "loop"), (1, True, "loop"),
+                                             (2, True, "chunked"), (4, False, "chunked")])
+def test_other_impls_equal_xla(kv, masked, impl, monkeypatch):
+    monkeypatch.setattr("fusion_jax.attention.CHUNK", 32)   # 70 queries -> 3 chunks, padded
     q, k, v, keep, uniform = _inputs(KV=kv)
     kw = dict(keep=keep, uniform=uniform) if masked else {}
 
@@ -27,9 +29,9 @@ def test_loop_equals_xla(kv, masked):
 
     with jax.default_matmul_precision("highest"):
         a = jax.jit(attention, static_argnames="impl")(q, k, v, impl="xla", **kw)
-        b = jax.jit(attention, static_argnames="impl")(q, k, v, impl="loop", **kw)
+        b = jax.jit(attention, static_argnames="impl")(q, k, v, impl=impl, **kw)
         ga = jax.jit(jax.grad(f("xla"), argnums=(0, 1, 2)))(q, k, v)
-        gb = jax.jit(jax.grad(f("loop"), argnums=(0, 1, 2)))(q, k, v)
+        gb = jax.jit(jax.grad(f(impl), argnums=(0, 1, 2)))(q, k, v)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
     for x, y in zip(ga, gb):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
@@ -51,5 +53,6 @@ def test_auto_picks_xla_when_sharded_or_decoding():
     if mesh.size > 1:
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             assert resolve_impl("auto", 128) == "xla"
+            assert resolve_impl("auto", 4096) == "chunked"
     with pytest.raises(ValueError, match="attention_impl"):
         resolve_impl("flash", 128)
