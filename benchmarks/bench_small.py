@@ -16,9 +16,7 @@ Goals: train step >= 2x faster, generation >= 3x the reference tokens/s.
 precision) to show where time goes; --profile times the pieces (vision tower passes, decoder, loss)
 forward+backward separately.
 
-Note: so400m-shaped 384 px images with 14 px patches: the reference's VALID conv reads 378 x 378
-pixels (27 x 27 patches). fusion_jax.vision.SiglipEmbeddings reshapes and needs divisible sizes,
-so the benchmark feeds 378 px crops (identical compute).
+Images are 384 px like the reference (the patch embedding crops to 378 px like its VALID conv).
 """
 from __future__ import annotations
 
@@ -71,8 +69,7 @@ def small_config(ref: dict, **over):
 
 
 def _pixels(cfg) -> int:
-    v = cfg.vision
-    return (v.image_size // v.patch_size) * v.patch_size
+    return cfg.vision.image_size
 
 
 def train_batch(cfg, seed=0) -> dict:
@@ -233,6 +230,32 @@ def profile_parts(cfg, warmup=1, steps=3):
     return out
 
 
+def matmul_rate(n_iter=10) -> float:
+    """fp32 FLOP/s of a large plain matmul in this process (the machine's practical peak)."""
+    import jax
+    import jax.numpy as jnp
+    a, b = jnp.ones((2048, 512), jnp.float32), jnp.ones((512, 1536), jnp.float32)
+    f = jax.jit(lambda a, b: a @ b)
+    jax.block_until_ready(f(a, b))
+    t0 = time.perf_counter()
+    for _ in range(n_iter):
+        jax.block_until_ready(f(a, b))
+    return 2 * 2048 * 512 * 1536 * n_iter / (time.perf_counter() - t0)
+
+
+def flop_floor(cfg, rate: float) -> dict:
+    """Seconds the step / generation would take if every model FLOP ran at `rate` (a floor)."""
+    from fusion_jax.train.flops import forward_flops_per_sample
+    tr = forward_flops_per_sample(cfg, seq_len=1024, query_len=16, instruct_len=60, max_questions=1)
+    # the train step's head only needs target rows (328 of 2048): count what must be computed
+    head = 2 * 1024 * cfg.llm.hidden_size * cfg.llm.vocab_size
+    train = 3 * (2 * (tr["total"] - head) + 2 * 164 * cfg.llm.hidden_size * cfg.llm.vocab_size)
+    ge = forward_flops_per_sample(cfg, seq_len=1024, query_len=16, instruct_len=64, max_questions=1)
+    gen = ge["total"] - head + 2 * cfg.llm.hidden_size * cfg.llm.vocab_size * 32
+    return {"matmul_flops_per_s": rate, "train_step_flops": train, "generate_flops": gen,
+            "train_step_floor_s": train / rate, "generate_floor_s": gen / rate}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=5)
@@ -259,6 +282,13 @@ def main(argv=None):
                          "generate_tokens_per_s": rg["tokens_per_second_end_to_end"],
                          "machine": ref["reference_pytorch_cpu"]["machine"]}}
     print(f"device: {dev} | jax {jax.__version__} | matmul precision {a.precision}", flush=True)
+    fl = flop_floor(cfg, matmul_rate())
+    res["floor"] = fl
+    print(f"in-process fp32 matmul rate {fl['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s -> FLOP floor: train step "
+          f"{fl['train_step_flops'] / 1e12:.2f} TFLOP = {fl['train_step_floor_s']:.2f} s (goal needs <= "
+          f"{rt['train_step_seconds_median'] / 2:.2f} s), generation {fl['generate_flops'] / 1e9:.0f} GFLOP = "
+          f"{fl['generate_floor_s']:.2f} s (goal needs <= {32 / (3 * rg['tokens_per_second_end_to_end']):.2f} s)",
+          flush=True)
     if not a.no_train:
         r = bench_train(cfg, a.warmup, a.steps, forward_only=a.forward)
         t = r["train_step"]["median_s"]

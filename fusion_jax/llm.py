@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -16,9 +15,6 @@ from flax import nnx
 from fusion_jax.attention import attention
 from fusion_jax.config import LLMConfig
 from fusion_jax.nn import ACT, Linear, RMSNorm, dtype_of
-
-NEG = float(np.finfo(np.float32).min)
-
 
 # ----------------------------------------------------------------------------- RoPE
 

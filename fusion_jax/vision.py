@@ -21,9 +21,6 @@ from fusion_jax.config import VisionConfig
 from fusion_jax.nn import ACT, LayerNorm, Linear, dtype_of, remat, scan_layers, _param
 from fusion_jax.sharding import constrain
 
-NEG = float(np.finfo(np.float32).min)
-
-
 class SiglipAttention(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, stack, rngs, param_dtype, dtype, attn_impl="auto"):
         D = cfg.hidden_size

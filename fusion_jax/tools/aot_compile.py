@@ -189,13 +189,6 @@ def aot_compile(tc, topology: str, *, mesh_shape=None, remat: str | None = None,
     T = int(instruct_len or tc.data.max_instruct_len)
     B = int(tc.global_batch_size)
     ab = step_lib.abstract_batch(cfg, B, S, q, instruct_len=T, max_questions=L)
-    v = cfg.vision
-    crop = (v.image_size // v.patch_size) * v.patch_size
-    if crop != v.image_size:
-        # so400m: 384 px / 14 px patches. The reference's VALID conv ignores the last 6 pixel rows and
-        # columns; fusion_jax.vision.SiglipEmbeddings reshapes and needs divisible sizes, so compile
-        # with the pixels the conv actually reads (same program cost; see docs/pod_readiness.md).
-        ab["images"] = jax.ShapeDtypeStruct(ab["images"].shape[:3] + (crop, crop), ab["images"].dtype)
     bsh = step_lib.batch_shardings(mesh)
     ab = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=bsh[k]) for k, v in ab.items()}
     state = s.sharded_abstract_state()
@@ -213,8 +206,6 @@ def aot_compile(tc, topology: str, *, mesh_shape=None, remat: str | None = None,
         "max_questions": L, "instruct_len": T, "n_params": n_params, "scan_layers": bool(tc.model.scan_layers),
         "hbm_bytes_per_device": chip["hbm"], "setup_s": round(t_setup, 2),
     }
-    if crop != v.image_size:
-        rep["image_pixels_compiled"] = crop
     shapes = {k: v.shape for k, v in ab.items()}
     model_flops = flops_lib.train_flops_per_step(cfg, shapes)
     rep["model_flops_per_step"] = model_flops

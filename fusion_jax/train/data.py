@@ -60,6 +60,7 @@ def prepare_synth(workdir: str, dc, log=print) -> tuple[str, str, str]:
                              workers=int(dc.synth_workers), heldout_fraction=float(dc.synth_heldout_fraction),
                              difficulty=str(dc.synth_difficulty),
                              kinds=list(dc.synth_kinds) if dc.synth_kinds else None,
+                             max_turns=int(dc.get("synth_max_turns", 0)) or None,
                              progress=bool(dc.get("synth_progress", False)))
         log(f"synth data: {data_dir} ({'cached' if s.get('cached') else 'generated'})")
         if not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
