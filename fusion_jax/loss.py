@@ -29,8 +29,8 @@ def chunked_cross_entropy(h, labels, head, chunk: int):
     """`cross_entropy(head(h), labels)` without materialising [B, S, V] logits.
 
     Rows with a target are moved to the front of each sample (stable), then `head` + CE run
-    per chunk of `chunk` rows under remat; chunks without any target are skipped at run time
-    (`lax.cond`), so the head costs ~#targets rows instead of S, with one compiled program.
+    per chunk of `chunk` rows under remat; on one device, chunks without any target are skipped
+    at run time (`lax.cond`), so the head costs ~#targets rows instead of S, with one program.
     """
     B, S, D = h.shape
     tg = jnp.concatenate([labels[:, 1:], jnp.full((B, 1), IGNORE_INDEX, labels.dtype)], 1)
@@ -52,8 +52,15 @@ def chunked_cross_entropy(h, labels, head, chunk: int):
         picked = jnp.take_along_axis(lg, jnp.where(valid, tc, 0)[..., None], axis=-1)[..., 0]
         return jnp.sum(jnp.where(valid, logz - picked, 0.0))
 
+    mesh = jax.sharding.get_abstract_mesh()
+    # Skipping is per device under SPMD: devices holding different rows could take different
+    # branches around the head's collectives and deadlock, so sharded runs compute every chunk.
+    skip = mesh is None or mesh.empty or mesh.size == 1
+
     def body(total, xs):
         hc, tc = xs
+        if not skip:
+            return total + nll_sum(hc, tc), None
         s = jax.lax.cond(jnp.any(tc != IGNORE_INDEX), nll_sum, lambda *_: jnp.float32(0.0), hc, tc)
         return total + s, None
 

@@ -19,6 +19,11 @@ def dtype_of(name) -> jnp.dtype:
     return jnp.dtype(name)
 
 
+def _unsharded() -> bool:
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh is None or mesh.empty or mesh.size == 1
+
+
 def _param(value, axes):
     return nnx.Param(value, logical_axes=tuple(axes))
 
@@ -39,8 +44,9 @@ class Linear(nnx.Module):
     def __call__(self, x):
         dt = dtype_of(self.dtype)
         w = self.kernel[...].astype(dt)
-        if w.ndim == 2 and x.ndim > 2:
-            # one 2-D matmul: XLA:CPU runs the weight gradient of [B, N, D] inputs ~2x slower
+        if w.ndim == 2 and x.ndim > 2 and _unsharded():
+            # one 2-D matmul: XLA:CPU runs the weight gradient of [B, N, D] inputs ~2x slower.
+            # Not under a mesh: merging a sharded batch axis deadlocked XLA:CPU's SPMD collectives.
             y = jnp.matmul(x.astype(dt).reshape(-1, x.shape[-1]), w).reshape(x.shape[:-1] + w.shape[-1:])
         else:
             y = jnp.matmul(x.astype(dt), w)
