@@ -47,12 +47,13 @@ def test_uniform_rows_average_all_values():
 def test_auto_picks_xla_when_sharded_or_decoding():
     assert resolve_impl("auto", 1) == "xla"
     if jax.default_backend() == "cpu":
-        assert resolve_impl("auto", 128) == "loop"
+        assert resolve_impl("auto", 1024) == "loop"
     mesh = jax.make_mesh((len(jax.devices()),), ("data",),
                          axis_types=(jax.sharding.AxisType.Auto,))
     if mesh.size > 1:
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             assert resolve_impl("auto", 128) == "xla"
+            assert resolve_impl("auto", 300) == "xla"
             assert resolve_impl("auto", 4096) == "chunked"
     with pytest.raises(ValueError, match="attention_impl"):
         resolve_impl("flash", 128)
