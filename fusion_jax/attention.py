@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fusion_jax.sharding import under_sharded_mesh
+
 NEG = float(np.finfo(np.float32).min)
 LOOP_MIN_QUERIES = 256  # short sequences (decode, tiny test models): the batched form compiles faster
 CHUNK = 512
@@ -26,9 +28,8 @@ def resolve_impl(impl: str, num_queries: int) -> str:
         raise ValueError(f"attention_impl={impl!r}: expected one of {', '.join(IMPLS)}")
     if impl != "auto":
         return impl
-    mesh = jax.sharding.get_abstract_mesh()
-    sharded = mesh is not None and not mesh.empty and mesh.size > 1
-    if jax.default_backend() == "cpu" and not sharded and num_queries >= LOOP_MIN_QUERIES:
+    if (jax.default_backend() == "cpu" and not under_sharded_mesh()
+            and num_queries >= LOOP_MIN_QUERIES):
         return "loop"
     return "chunked" if num_queries > CHUNK else "xla"
 

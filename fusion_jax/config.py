@@ -145,8 +145,9 @@ class FusionConfig:
         for q in self.query_len:
             if math.isqrt(q) ** 2 != q:
                 raise ValueError(f"query_len {q} is not a perfect square")
-        if self.attention_impl not in ("auto", "xla", "loop", "chunked"):
-            raise ValueError(f"attention_impl={self.attention_impl!r}: expected auto, xla, loop or chunked")
+        from fusion_jax.attention import IMPLS
+        if self.attention_impl not in IMPLS:
+            raise ValueError(f"attention_impl={self.attention_impl!r}: expected one of {', '.join(IMPLS)}")
         self.projector_depth  # validates the type
         if self.llm.hidden_size % self.sampler_heads:
             raise ValueError(f"llm.hidden_size {self.llm.hidden_size} not divisible by "

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from fusion_jax.constants import IGNORE_INDEX
+from fusion_jax.sharding import under_sharded_mesh
 
 
 def cross_entropy(logits, labels):
@@ -52,10 +53,9 @@ def chunked_cross_entropy(h, labels, head, chunk: int):
         picked = jnp.take_along_axis(lg, jnp.where(valid, tc, 0)[..., None], axis=-1)[..., 0]
         return jnp.sum(jnp.where(valid, logz - picked, 0.0))
 
-    mesh = jax.sharding.get_abstract_mesh()
     # Skipping is per device under SPMD: devices holding different rows could take different
     # branches around the head's collectives and deadlock, so sharded runs compute every chunk.
-    skip = mesh is None or mesh.empty or mesh.size == 1
+    skip = not under_sharded_mesh()
 
     def body(total, xs):
         hc, tc = xs

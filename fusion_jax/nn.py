@@ -12,16 +12,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fusion_jax.sharding import under_sharded_mesh
+
 LAYERS = "layers"
 
 
 def dtype_of(name) -> jnp.dtype:
     return jnp.dtype(name)
-
-
-def _unsharded() -> bool:
-    mesh = jax.sharding.get_abstract_mesh()
-    return mesh is None or mesh.empty or mesh.size == 1
 
 
 def _param(value, axes):
@@ -44,7 +41,7 @@ class Linear(nnx.Module):
     def __call__(self, x):
         dt = dtype_of(self.dtype)
         w = self.kernel[...].astype(dt)
-        if w.ndim == 2 and x.ndim > 2 and _unsharded():
+        if w.ndim == 2 and x.ndim > 2 and not under_sharded_mesh():
             # one 2-D matmul: XLA:CPU runs the weight gradient of [B, N, D] inputs ~2x slower.
             # Not under a mesh: merging a sharded batch axis deadlocked XLA:CPU's SPMD collectives.
             y = jnp.matmul(x.astype(dt).reshape(-1, x.shape[-1]), w).reshape(x.shape[:-1] + w.shape[-1:])

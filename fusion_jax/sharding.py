@@ -99,6 +99,12 @@ def shard_model(model, mesh: Mesh, rules=RULES):
     return model
 
 
+def under_sharded_mesh() -> bool:
+    """True while tracing under a multi-device mesh (`jax.set_mesh` / `use_abstract_mesh`)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh is not None and not mesh.empty and mesh.size > 1
+
+
 def constrain(x, *axes):
     """Activation sharding constraint by logical axes, active only under `jax.set_mesh`."""
     mesh = jax.sharding.get_abstract_mesh()
