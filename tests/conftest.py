@@ -2,6 +2,11 @@ import os
 
 # Must happen before jax is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# XLA:CPU runs collective thunks on its intra-op pool (NPROC threads, default max(cores, devices)).
+# A device blocked in a rendezvous holds a pool thread; with 8 fake devices on 2 cores the pool
+# could fill with waiters while a peer still needed a thread, and XLA aborted after its 40 s
+# rendezvous timeout (tests/test_train.py 2x2x2 mesh, ~2 of 3 runs). More threads than waiters.
+os.environ.setdefault("NPROC", "32")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
