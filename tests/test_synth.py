@@ -334,6 +334,19 @@ def test_existence_balanced_and_mc_letters():
         assert f"{q.answer}. {q.answer_text}" in q.question
 
 
+def test_existence_turn_answers_independent():
+    """Turn 2's yes/no must not follow from turn 1's (a strict alternation is a text-only shortcut)."""
+    pipe = SynthPipeline(SynthConfig(kinds=("existence",), image_size=32, difficulty="easy", max_turns=2,
+                                     mc_fraction=0.0))
+    pairs = []
+    for i in range(80):
+        qas = pipe.make_sample(3, "train", i).qas
+        if len(qas) >= 2:
+            pairs.append((qas[0].answer, qas[1].answer))
+    same = sum(a == b for a, b in pairs)
+    assert len(pairs) > 20 and 0.2 < same / len(pairs) < 0.8, (same, len(pairs))
+
+
 # ----------------------------------------------------------------------------------------------
 # CLI
 

@@ -226,14 +226,12 @@ class TemplateQAWriter:
         out = []
         pos = [present[i] for i in rng.permutation(len(present)).tolist()]
         neg = [absent[i] for i in rng.permutation(len(absent)).tolist()][:max(2, len(pos))]
-        first_yes = bool(rng.random() < 0.5)
-        a_list, b_list = (pos, neg) if first_yes else (neg, pos)
+        # each turn's answer is an independent coin flip: a fixed yes/no alternation would let
+        # a model answer turn 2 from turn 1 without looking at the image
         merged = []
-        for i in range(max(len(a_list), len(b_list))):
-            if i < len(a_list):
-                merged.append(a_list[i])
-            if i < len(b_list):
-                merged.append(b_list[i])
+        while pos or neg:
+            take_yes = bool(rng.random() < 0.5) if (pos and neg) else bool(pos)
+            merged.append((pos if take_yes else neg).pop(0))
         for c, s in merged:
             sel = {"color": c, "shape": s}
             ans = "yes" if (c, s) in present else "no"
