@@ -130,7 +130,8 @@ def tiny_train_config(**model_overrides) -> mlc.ConfigDict:
     c.model.tiny = mlc.ConfigDict(dict(
         hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
         vision_hidden_size=64, vision_intermediate_size=128, vision_layers=5, vision_heads=4,
-        image_size=32, patch_size=4, num_sampler_layers=2, sampler_stride=2, sampler_heads=4))
+        image_size=32, patch_size=4, num_sampler_layers=2, sampler_stride=2, sampler_heads=4,
+        tie_word_embeddings=False))
     c.data.source = "synth"
     c.data.template = "phi_3"
     c.data.max_length = 192
@@ -157,7 +158,8 @@ def tiny_model_config(tc, vocab_size: int) -> FusionConfig:
                               intermediate_size=t.intermediate_size, num_hidden_layers=t.num_hidden_layers,
                               num_attention_heads=t.num_attention_heads,
                               num_key_value_heads=t.num_attention_heads, rope_scaling=None,
-                              max_position_embeddings=4096, original_max_position_embeddings=None)
+                              max_position_embeddings=4096, original_max_position_embeddings=None,
+                              tie_word_embeddings=bool(t.get("tie_word_embeddings", False)))
     vision = dataclasses.replace(base.vision, hidden_size=t.vision_hidden_size,
                                  intermediate_size=t.vision_intermediate_size,
                                  num_hidden_layers=t.vision_layers, num_attention_heads=t.vision_heads,
