@@ -136,6 +136,10 @@ class FusionConfig:
     vision_remat_policy: str | None = None   # vision layers; None = same as remat_policy
     attention_impl: str = "auto"             # auto | xla | loop | chunked (fusion_jax.attention)
     loss_chunk: int = 256                    # train-step CE: head + CE over chunks of target rows
+    # init only (no effect on loaded weights): std of the token embedding. HF's 0.02 suits a
+    # pretrained LLM; a tiny model trained from scratch needs word embeddings on the scale of
+    # the image features (~1), or the question's words drown next to them (docs/ablations.md).
+    embed_init_std: float = 0.02
 
     def __post_init__(self):
         if self.early_mask_mode not in EARLY_MASK_MODES:

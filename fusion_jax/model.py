@@ -26,7 +26,7 @@ class FusionModel(nnx.Module):
     def __init__(self, cfg: FusionConfig, rngs: nnx.Rngs):
         c, v = cfg.llm, cfg.vision
         kw = dict(param_dtype=cfg.param_dtype, dtype=cfg.compute_dtype)
-        self.embed_tokens = Embed(c.vocab_size, c.hidden_size, rngs=rngs, **kw)
+        self.embed_tokens = Embed(c.vocab_size, c.hidden_size, rngs=rngs, std=cfg.embed_init_std, **kw)
         self.layers = DecoderLayer(c, stack=(c.num_hidden_layers,), rngs=rngs,
                                    attn_impl=cfg.attention_impl, **kw)
         self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, **kw)

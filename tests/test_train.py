@@ -181,3 +181,20 @@ def test_exact_resume_and_load_params(tmp_path):
     import fusion_jax
     m2 = fusion_jax.from_pretrained(os.path.join(full, "checkpoints", "6"))
     np.testing.assert_array_equal(np.asarray(m2.lm_head.kernel[...]), np.asarray(model.lm_head.kernel[...]))
+
+
+def test_embed_init_std_reaches_the_model():
+    """Tiny recipe starts word embeddings at std 1 (the scale of image features); HF's 0.02 stays
+    the default everywhere else. Weights loaded from a checkpoint are unaffected (init only)."""
+    from fusion_jax.config import FusionConfig
+    from fusion_jax.model import FusionForCausalLM
+    assert FusionConfig().embed_init_std == 0.02
+    tc = presets.tiny_train_config()
+    assert presets.tiny_model_config(tc, 384).embed_init_std == 1.0
+    for std in (0.02, 1.0):
+        w = FusionForCausalLM(_cfg().replace(embed_init_std=std)).model.embed_tokens.weight[...]
+        assert abs(float(jnp.std(w)) / std - 1) < 0.05
+    # a saved config without the field (older runs) loads with the default
+    d = _cfg().to_dict()
+    d.pop("embed_init_std")
+    assert FusionConfig.from_dict(d).embed_init_std == 0.02

@@ -131,7 +131,7 @@ def tiny_train_config(**model_overrides) -> mlc.ConfigDict:
         hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
         vision_hidden_size=64, vision_intermediate_size=128, vision_layers=5, vision_heads=4,
         image_size=32, patch_size=4, num_sampler_layers=2, sampler_stride=2, sampler_heads=4,
-        tie_word_embeddings=False))
+        tie_word_embeddings=False, embed_init_std=1.0))
     c.data.source = "synth"
     c.data.template = "phi_3"
     c.data.max_length = 192
@@ -165,4 +165,5 @@ def tiny_model_config(tc, vocab_size: int) -> FusionConfig:
                                  num_hidden_layers=t.vision_layers, num_attention_heads=t.vision_heads,
                                  image_size=t.image_size, patch_size=t.patch_size)
     return base.replace(llm=llm, vision=vision, num_sampler_layers=t.num_sampler_layers,
-                        sampler_stride=t.sampler_stride, sampler_heads=t.sampler_heads)
+                        sampler_stride=t.sampler_stride, sampler_heads=t.sampler_heads,
+                        embed_init_std=float(t.get("embed_init_std", 0.02)))
