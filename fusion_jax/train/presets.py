@@ -110,7 +110,7 @@ def stage_config(size: str, stage: str, x: bool = False) -> mlc.ConfigDict:
 
 
 def tiny_train_config(**model_overrides) -> mlc.ConfigDict:
-    """CPU, offline: synthesized data, a tiny model; trains in a few minutes on 2 cores."""
+    """CPU, offline: synthesized data, a tiny model; trains in about 12 minutes on 2 cores."""
     c = base_config()
     c.total_steps = 1200                # ~12 min on 2 cores (docs/ablations.md)
     c.log_every = 25
