@@ -153,6 +153,8 @@ class FusionConfig:
         if self.attention_impl not in IMPLS:
             raise ValueError(f"attention_impl={self.attention_impl!r}: expected one of {', '.join(IMPLS)}")
         self.projector_depth  # validates the type
+        if not (math.isfinite(self.embed_init_std) and self.embed_init_std > 0):
+            raise ValueError(f"embed_init_std={self.embed_init_std!r}: expected a finite number > 0")
         if self.llm.hidden_size % self.sampler_heads:
             raise ValueError(f"llm.hidden_size {self.llm.hidden_size} not divisible by "
                              f"sampler_heads {self.sampler_heads}")

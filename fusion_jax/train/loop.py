@@ -70,6 +70,9 @@ def validate(tc):
              f"expected none | full | dots | dots_no_batch | nothing, got {tc.model[k]!r}")
     for k in ("compute_dtype", "param_dtype"):
         need(tc.model[k] in ("float32", "bfloat16"), f"model.{k}", f"expected float32 | bfloat16, got {tc.model[k]!r}")
+    if "tiny" in tc.model:
+        std = float(tc.model.tiny.get("embed_init_std", 0.02))
+        need(math.isfinite(std) and std > 0, "model.tiny.embed_init_std", f"must be a finite number > 0, got {std}")
 
 
 def model_overrides(tc) -> dict:
