@@ -277,6 +277,28 @@ def test_spatial_and_visibility_rejections():
     assert VisibilityFilter()(ghost, _qa({"op": "color_of", "sel": {"shape": "circle"}}, "white"), ctx) is not None
 
 
+def test_spatial_refs_by_colour():
+    """`color` names an object by its colour when that colour is unique, else by shape; the
+    answer stays derivable from the description. The built-in pipeline keeps shape references."""
+    scene = Scene(_bg(), [_obj(0, "circle", "red", 0.2, 0.5), _obj(1, "square", "blue", 0.8, 0.5),
+                          _obj(2, "triangle", "blue", 0.5, 0.1)], [])
+    rng = np.random.default_rng(0)
+    qas = TemplateQAWriter(spatial_refs="color", mc_fraction=0, long_fraction=0).write(
+        scene, "", "spatial", rng, EASY)
+    refs = [q.spec[k] for q in qas for k in ("a", "b")]
+    assert {"color": "red"} in refs and {"shape": "square"} in refs
+    assert all(r != {"color": "blue"} for r in refs)
+    assert any("the red object" in q.question for q in qas)
+    assert all(evaluate(scene, q.spec) == q.answer_text for q in qas)
+    shape_qas = TemplateQAWriter(mc_fraction=0, long_fraction=0).write(scene, "", "spatial",
+                                                                        np.random.default_rng(0), EASY)
+    assert all("shape" in q.spec[k] for q in shape_qas for k in ("a", "b"))
+    for d in ("easy", "full"):
+        assert SynthPipeline(SynthConfig(kinds=("spatial",), image_size=64, difficulty=d)).qa_writer.spatial_refs == "shape"
+    with pytest.raises(ValueError, match="spatial_refs"):
+        TemplateQAWriter(spatial_refs="size")
+
+
 def test_model_score_filter_hook():
     scene = Scene(_bg(), [_obj(0, "circle", "red", 0.5, 0.5)], [])
     qa = _qa({"op": "color_of", "sel": {"shape": "circle"}}, "red")

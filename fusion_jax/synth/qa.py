@@ -95,10 +95,17 @@ class TemplateQAWriter:
     ``mc_fraction`` / ``long_fraction``: probability that a pair is multiple choice / has a
     sentence answer (the rest are short). ``short_suffix``: instruction appended to short
     questions (LLaVA's VQA prompt), '' for none. ``varied``: several phrasings per question.
+    ``spatial_refs``: how spatial questions name objects: ``shape`` ('the circle', adding colour
+    or size only to disambiguate; the built-in pipeline's choice) or ``color`` ('the red object'
+    when that colour is unique, else as ``shape``): spatial questions that need no shape recognition.
     """
 
     def __init__(self, mc_fraction: float = 0.25, long_fraction: float = 0.3,
-                 short_suffix: str = SHORT_SUFFIX, varied: bool = True, num_choices: int = 4):
+                 short_suffix: str = SHORT_SUFFIX, varied: bool = True, num_choices: int = 4,
+                 spatial_refs: str = "shape"):
+        if spatial_refs not in ("shape", "color"):
+            raise ValueError(f"spatial_refs must be 'shape' or 'color', got {spatial_refs!r}")
+        self.spatial_refs = spatial_refs
         self.mc_fraction = mc_fraction
         self.long_fraction = long_fraction
         self.short_suffix = short_suffix
@@ -180,8 +187,13 @@ class TemplateQAWriter:
                                     vocab, self._style(rng)))
         return out
 
+    def _ref(self, scene, o):
+        if self.spatial_refs == "color" and len(select(scene, {"color": o.color})) == 1:
+            return {"color": o.color}
+        return unique_selector(scene, o)
+
     def _spatial(self, scene, rng, p):
-        refs = [(o, unique_selector(scene, o)) for o in scene.objects]
+        refs = [(o, self._ref(scene, o)) for o in scene.objects]
         refs = [(o, s) for o, s in refs if s is not None]
         pairs = [(i, j) for i in range(len(refs)) for j in range(len(refs)) if i != j]
         out = []
