@@ -294,7 +294,8 @@ def test_spatial_refs_by_colour():
                                                                         np.random.default_rng(0), EASY)
     assert all("shape" in q.spec[k] for q in shape_qas for k in ("a", "b"))
     for d in ("easy", "full"):
-        assert SynthPipeline(SynthConfig(kinds=("spatial",), image_size=64, difficulty=d)).qa_writer.spatial_refs == "shape"
+        pipe = SynthPipeline(SynthConfig(kinds=("spatial",), image_size=64, difficulty=d))
+        assert pipe.qa_writer.spatial_refs == "shape"
     with pytest.raises(ValueError, match="spatial_refs"):
         TemplateQAWriter(spatial_refs="size")
 

@@ -138,6 +138,8 @@ def test_config_errors_name_the_key():
         loop.validate(_tc(**{"model.remat_policy": "sometimes"}))
     with pytest.raises(ValueError, match=r"config\.model\.tiny\.embed_init_std"):
         loop.validate(_tc(**{"model.tiny.embed_init_std": 0.0}))
+    with pytest.raises(ValueError, match=r"config\.model\.tiny\.embed_init_std"):
+        loop.validate(_tc(**{"model.tiny.embed_init_std": None}))
     with pytest.raises(ValueError, match=r"config\.global_batch_size"):
         loop.Setup(_tc(global_batch_size=6, grad_accum=4), None, mesh=make_mesh((1, 1, 1), jax.devices()[:1]),
                    model_cfg=_cfg())

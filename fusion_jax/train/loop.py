@@ -71,8 +71,9 @@ def validate(tc):
     for k in ("compute_dtype", "param_dtype"):
         need(tc.model[k] in ("float32", "bfloat16"), f"model.{k}", f"expected float32 | bfloat16, got {tc.model[k]!r}")
     if "tiny" in tc.model:
-        std = float(tc.model.tiny.get("embed_init_std", 0.02))
-        need(math.isfinite(std) and std > 0, "model.tiny.embed_init_std", f"must be a finite number > 0, got {std}")
+        std = tc.model.tiny.get("embed_init_std", 0.02)
+        ok = isinstance(std, (int, float)) and not isinstance(std, bool) and math.isfinite(std) and std > 0
+        need(ok, "model.tiny.embed_init_std", f"must be a finite number > 0, got {std!r}")
 
 
 def model_overrides(tc) -> dict:
