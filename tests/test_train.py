@@ -204,3 +204,23 @@ def test_embed_init_std_reaches_the_model():
     assert FusionConfig.from_dict(d).embed_init_std == 0.02
     with pytest.raises(ValueError, match="embed_init_std"):
         _cfg().replace(embed_init_std=0.0)
+
+
+def test_synth_tokenizer_learns_the_template_system_message(tmp_path):
+    """Every sample starts with the template's system message: the BPE is trained on it too, so it
+    costs whole-word tokens (not ~24 byte-level pieces of a 184-token prompt budget)."""
+    from fusion_jax.data.tokenizer import load_tokenizer
+    from fusion_jax.train.data import train_tokenizer
+    os.makedirs(tmp_path / "data" / "train")
+    recs = [{"id": str(i), "image": "x.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat color is the circle?"}, {"from": "gpt", "value": c}]}
+        for i, c in enumerate(["yellow", "blue", "red", "green"] * 20)]
+    (tmp_path / "data" / "train" / "synth_color.json").write_text(json.dumps(recs))
+    system = "You are a helpful AI assistant."
+    n = {}
+    for tmpl in (None, "phi_3"):
+        out = train_tokenizer(str(tmp_path / "data"), str(tmp_path / f"tok_{tmpl}"), 512, tmpl)
+        tok = load_tokenizer(out)
+        n[tmpl] = len(tok(system)) - 1  # without <s>
+        assert len(tok("yellow")) - 1 == 1
+    assert n["phi_3"] <= 7 < 15 < n[None], n

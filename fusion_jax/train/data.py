@@ -14,10 +14,22 @@ import numpy as np
 from fusion_jax.data.testing import SPECIAL
 
 
-def _synth_texts(data_dir: str):
+def _system_text(template: str | None) -> str:
+    """The template's system message without its special tags (those are added tokens)."""
+    if not template:
+        return ""
+    import re
+    from fusion_jax.data.templates import get_template
+    return re.sub(r"<\|[^|>]*\|>|<\|[^>]*>", " ", get_template(template).system).strip()
+
+
+def _synth_texts(data_dir: str, template: str | None = None):
+    system = _system_text(template)
     for fp in sorted(glob.glob(os.path.join(data_dir, "train", "*.json"))):
         with open(fp) as f:
             for rec in json.load(f):
+                if system:  # every sample starts with it: worth whole-word tokens
+                    yield system
                 for turn in rec["conversations"]:
                     yield turn["value"].replace("<image>", "")
     qf = os.path.join(data_dir, "eval", "questions.jsonl")
@@ -27,15 +39,16 @@ def _synth_texts(data_dir: str):
                 yield json.loads(line)["text"]
 
 
-def train_tokenizer(data_dir: str, out: str, vocab_size: int = 512) -> str:
-    """Byte-level BPE over the synthesized texts, saved as an HF tokenizer folder."""
+def train_tokenizer(data_dir: str, out: str, vocab_size: int = 512, template: str | None = None) -> str:
+    """Byte-level BPE over the synthesized texts (and `template`'s system message, once per
+    training sample), saved as an HF tokenizer folder."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_synth_texts(data_dir), trainer=trainer)
+    tok.train_from_iterator(_synth_texts(data_dir, template), trainer=trainer)
     tmp = out + ".tmp"
     from fusion_jax.data.tokenizer import write_tokenizer_folder
     write_tokenizer_folder(tok, tmp, add_bos=True)
@@ -64,7 +77,7 @@ def prepare_synth(workdir: str, dc, log=print) -> tuple[str, str, str]:
                              progress=bool(dc.get("synth_progress", False)))
         log(f"synth data: {data_dir} ({'cached' if s.get('cached') else 'generated'})")
         if not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
-            train_tokenizer(data_dir, tok_dir, int(dc.tokenizer_vocab_size))
+            train_tokenizer(data_dir, tok_dir, int(dc.tokenizer_vocab_size), str(dc.template))
             log(f"tokenizer: trained on the synthesized text -> {tok_dir}")
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
