@@ -110,9 +110,9 @@ def stage_config(size: str, stage: str, x: bool = False) -> mlc.ConfigDict:
 
 
 def tiny_train_config(**model_overrides) -> mlc.ConfigDict:
-    """CPU, offline: synthesized data, a tiny model; trains in about 13 minutes on 2 cores."""
+    """CPU, offline: synthesized data, a tiny model; trains in about 12 minutes on 2 cores."""
     c = base_config()
-    c.total_steps = 1500                # ~13 min on 2 cores incl. synthesis and eval (docs/ablations.md)
+    c.total_steps = 1200                # 11-13 min on 2 cores incl. synthesis (docs/ablations.md)
     c.log_every = 25
     c.checkpoint_every = 100
     c.keep_checkpoints = 2
