@@ -59,8 +59,8 @@ def attention(q, k, v, *, keep=None, uniform=None, impl: str = "auto"):
     def dense(q, keep, uniform):
         n = q.shape[1]
         if G == 1:
-            # Head-major 4-D batched matmuls: XLA:CPU runs these fwd+bwd ~2x faster than
-            # einsums over the [B, Q, H, d] layout.
+            # Head-major 4-D batched matmuls: XLA:CPU runs these fwd+bwd ~2x faster than the
+            # 5-D einsums below (decoder, 16 x 192 tokens: 20 vs 47 ms).
             s = jnp.einsum("bhqd,bhsd->bhqs", q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3))
             s = _masked((s * scale).astype(jnp.float32), None if keep is None else keep[:, None],
                         None if uniform is None else uniform[:, None])
