@@ -370,6 +370,29 @@ def test_existence_turn_answers_independent():
     assert len(pairs) > 20 and 0.2 < same / len(pairs) < 0.8, (same, len(pairs))
 
 
+def test_describe_turn_lists_every_object_last_and_train_only():
+    from fusion_jax.synth.qa import list_objects
+    scene = Scene(_bg(), [_obj(0, "triangle", "red", 0.2, 0.2), _obj(1, "circle", "blue", 0.5, 0.5),
+                          _obj(2, "triangle", "red", 0.8, 0.8)], [])
+    assert list_objects(scene) == "a blue circle and two red triangles"
+    assert evaluate(scene, {"op": "objects"}) == "a blue circle and two red triangles"
+    crowded = Scene(_bg(), [_obj(0, "circle", "red", 0.5, 0.5), _obj(1, "circle", "red", 0.52, 0.5)], [])
+    qa = TemplateQAWriter().describe(crowded, np.random.default_rng(0))
+    assert CountOverlapFilter()(crowded, qa, FilterContext(image_size=64)) is not None
+
+    cfg = dict(kinds=("color", "count"), image_size=32, difficulty="easy", max_turns=2)
+    off, on = SynthPipeline(SynthConfig(**cfg)), SynthPipeline(SynthConfig(**cfg, describe_fraction=1.0))
+    for i in range(6):
+        a, b = off.make_sample(5, "train", i), on.make_sample(5, "train", i)
+        assert a.scene.to_dict() == b.scene.to_dict()
+        assert [q.spec["op"] for q in b.qas] == [a.qas[0].spec["op"], "objects"]
+        last = b.qas[-1]
+        assert last.style == "long" and evaluate(b.scene, last.spec) == last.answer_text
+        for o in b.scene.objects:
+            assert f"{o.color} {o.shape}" in last.answer
+        assert on.make_sample(5, "eval", i).qas == off.make_sample(5, "eval", i).qas
+
+
 # ----------------------------------------------------------------------------------------------
 # CLI
 

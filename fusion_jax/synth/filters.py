@@ -101,9 +101,9 @@ class CountOverlapFilter:
         self.max_count = max_count
 
     def __call__(self, scene: Scene, qa: QAPair, ctx: FilterContext) -> Optional[str]:
-        if qa.spec["op"] != "count":
+        if qa.spec["op"] not in ("count", "objects"):
             return None
-        counted = select(scene, qa.spec["sel"])
+        counted = select(scene, qa.spec["sel"]) if qa.spec["op"] == "count" else list(scene.objects)
         if len(counted) > self.max_count:
             return f"too many objects to count ({len(counted)})"
         if not counted:

@@ -30,6 +30,9 @@ class SynthConfig:
     max_turns: Optional[int] = None  # turns per training conversation (default: easy 2, full 4)
     mc_fraction: Optional[float] = None  # default: easy 0.15, full 0.25
     long_fraction: Optional[float] = None  # default: easy 0.0, full 0.3
+    # probability that a training conversation ends with "Which shapes are in the image?"
+    # (all objects by colour and shape; needs a QA writer with ``describe``)
+    describe_fraction: float = 0.0
     fonts: str = "builtin"
     max_attempts: int = 40
 
@@ -128,9 +131,24 @@ class SynthPipeline:
             else:
                 n = int(rng.integers(1, c.max_turns + 1))
                 qas = kept[:n]
+                if c.describe_fraction > 0 and rng.random() < c.describe_fraction:
+                    # last, so that no earlier answer can be copied from it
+                    qas = qas[:max(1, c.max_turns - 1)] + self._describe(scene, rng, ctx, rejections)
             return Sample(split, index, kind, scene, caption, image, qas, rejections, attempt)
         raise RuntimeError(f"no QA pair of kind {kind!r} survived the filters in {c.max_attempts} "
                            f"attempts (split={split}, index={index}, image_size={c.image_size})")
+
+
+    def _describe(self, scene, rng, ctx, rejections) -> list:
+        describe = getattr(self.qa_writer, "describe", None)
+        qa = describe(scene, rng) if describe is not None else None
+        if qa is None:
+            return []
+        kept, rejected = self.filters.apply(scene, [qa], ctx)
+        for _, reason in rejected:
+            name = reason.split(":", 1)[0]
+            rejections[name] = rejections.get(name, 0) + 1
+        return kept
 
 
 def _dedupe(qas: list) -> list:

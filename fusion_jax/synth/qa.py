@@ -75,12 +75,30 @@ def evaluate(scene: Scene, spec: dict) -> str:
         return t.text if op == "read_text" else t.color
     if op == "caption":
         return spec["caption"]
+    if op == "objects":
+        return list_objects(scene)
     raise ValueError(f"unknown op {op!r}")
+
+
+def list_objects(scene: Scene) -> str:
+    """'a yellow circle, two green squares and a red triangle': every (colour, shape) group,
+    ordered by shape then colour name, so the words follow from the image alone."""
+    groups: dict = {}
+    for o in scene.objects:
+        groups[(o.shape, o.color)] = groups.get((o.shape, o.color), 0) + 1
+    if not groups:
+        raise Ambiguous("no objects to list")
+    parts = [(noun_phrase({"color": c, "shape": s}, "a") if n == 1 else
+              f"{number_word(n)} {noun_phrase({'color': c, 'shape': s}, '', n)}")
+             for (s, c), n in sorted(groups.items())]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
 def referenced_objects(scene: Scene, spec: dict) -> list:
     """Objects a question is about (those that must be visible for it to be answerable)."""
     op = spec["op"]
+    if op == "objects":
+        return list(scene.objects)
     if op in ("color_of", "shape_of", "count", "exists"):
         return select(scene, spec["sel"])
     if op in ("lr", "ab", "rel_is"):
@@ -296,6 +314,16 @@ class TemplateQAWriter:
             else:
                 out.append(cap)
         return out
+
+    def describe(self, scene: Scene, rng: np.random.Generator) -> Optional[QAPair]:
+        """'Which shapes are in the image?' answered with every object: a dense, binding-heavy
+        training turn (each colour word must match its shape). None for a scene without objects."""
+        if not scene.objects:
+            return None
+        q = self._pick(rng, ["Which shapes are in the image?", "List the shapes in the image.",
+                             "What shapes can you see?"])
+        ans = list_objects(scene)
+        return QAPair("scene", "objects", q, ans[0].upper() + ans[1:] + ".", ans, "long", {"op": "objects"})
 
     def write(self, scene: Scene, caption: str, kind: str, rng: np.random.Generator,
               palette: Palette) -> list:

@@ -74,6 +74,7 @@ def prepare_synth(workdir: str, dc, log=print) -> tuple[str, str, str]:
                              difficulty=str(dc.synth_difficulty),
                              kinds=list(dc.synth_kinds) if dc.synth_kinds else None,
                              max_turns=int(dc.get("synth_max_turns", 0)) or None,
+                             describe_fraction=float(dc.get("synth_describe_fraction", 0.0)),
                              progress=bool(dc.get("synth_progress", False)))
         log(f"synth data: {data_dir} ({'cached' if s.get('cached') else 'generated'})")
         if not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
