@@ -65,6 +65,10 @@ def validate(tc):
              "empty, and init_from has no tokenizer/ to fall back on")
     if tc.init_from:
         need(os.path.exists(tc.init_from), "init_from", f"{tc.init_from} does not exist")
+    if int(tc.get("vision_warmup", {}).get("steps", 0)) > 0:
+        need(tc.data.source == "synth", "vision_warmup.steps",
+             "needs the synthesized scene descriptions (data.source = 'synth')")
+        need(not tc.init_from, "vision_warmup.steps", "is for towers trained from scratch; init_from is set")
     for k in ("remat_policy", "vision_remat_policy"):
         need(tc.model[k] in ("none", "full", "dots", "dots_no_batch", "nothing"), f"model.{k}",
              f"expected none | full | dots | dots_no_batch | nothing, got {tc.model[k]!r}")
@@ -299,7 +303,17 @@ def train(tc, workdir: str) -> dict:
         if is_main:
             _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
     else:
-        state = s.init_state()
+        params = None
+        if int(tc.get("vision_warmup", {}).get("steps", 0)) > 0:
+            from fusion_jax.train.tower_warmup import warm_start_tower
+            params = s.init_params()
+            vw = tc.vision_warmup
+            tower, _ = warm_start_tower(cfg, tc.data.image_folder, jax.device_get(params["model"]["vision_tower"]),
+                                     steps=int(vw.steps), lr=float(vw.lr), batch_size=int(vw.batch_size),
+                                     seed=int(tc.seed), log=log)
+            params["model"]["vision_tower"] = jax.tree.map(
+                lambda a, b: jax.device_put(np.asarray(b, a.dtype), a.sharding), params["model"]["vision_tower"], tower)
+        state = s.init_state(params)
         start = 0
         log(f"initialized from {tc.init_from or 'scratch (seed %d)' % tc.seed}")
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(s.abstract_params))
