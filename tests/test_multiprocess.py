@@ -36,6 +36,7 @@ def _tiny_tc(data_path: str, image_folder: str, tokenizer: str):
         tc.total_steps = STEPS
         tc.mesh = (-1, 1, 1)
         tc.data.source = "path"
+        tc.vision_warmup.steps = 0              # the warm start reads synthesized descriptions
         tc.data.path, tc.data.image_folder, tc.data.tokenizer = data_path, image_folder, tokenizer
         tc.data.max_length = 160
         tc.data.seq_buckets = (160,)
