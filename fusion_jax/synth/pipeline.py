@@ -138,7 +138,6 @@ class SynthPipeline:
         raise RuntimeError(f"no QA pair of kind {kind!r} survived the filters in {c.max_attempts} "
                            f"attempts (split={split}, index={index}, image_size={c.image_size})")
 
-
     def _describe(self, scene, rng, ctx, rejections) -> list:
         describe = getattr(self.qa_writer, "describe", None)
         qa = describe(scene, rng) if describe is not None else None
