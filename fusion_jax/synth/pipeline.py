@@ -104,10 +104,7 @@ class SynthPipeline:
             caption = self.caption_writer.caption(scene, rng)
             cands = self.qa_writer.write(scene, caption, kind, rng, self.palette)
             ctx = FilterContext(image_size=c.image_size)
-            kept, rejected = self.filters.apply(scene, cands, ctx)
-            for _, reason in rejected:
-                name = reason.split(":", 1)[0]
-                rejections[name] = rejections.get(name, 0) + 1
+            kept = self._filter(scene, cands, ctx, rejections)
             if split == "eval":
                 kept = [q for q in kept if q.style in ("short", "mc")]
             kept = _dedupe(kept)
@@ -141,9 +138,11 @@ class SynthPipeline:
     def _describe(self, scene, rng, ctx, rejections) -> list:
         describe = getattr(self.qa_writer, "describe", None)
         qa = describe(scene, rng) if describe is not None else None
-        if qa is None:
-            return []
-        kept, rejected = self.filters.apply(scene, [qa], ctx)
+        return [] if qa is None else self._filter(scene, [qa], ctx, rejections)
+
+    def _filter(self, scene, cands, ctx, rejections) -> list:
+        """The candidates the filters keep; rejections counted by reason."""
+        kept, rejected = self.filters.apply(scene, cands, ctx)
         for _, reason in rejected:
             name = reason.split(":", 1)[0]
             rejections[name] = rejections.get(name, 0) + 1

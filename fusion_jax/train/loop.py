@@ -69,6 +69,8 @@ def validate(tc):
         need(tc.data.source == "synth", "vision_warmup.steps",
              "needs the synthesized scene descriptions (data.source = 'synth')")
         need(not tc.init_from, "vision_warmup.steps", "is for towers trained from scratch; init_from is set")
+        need(jax.process_count() == 1, "vision_warmup.steps",
+             f"runs in one process (it gathers the tower's weights); {jax.process_count()} processes")
     for k in ("remat_policy", "vision_remat_policy"):
         need(tc.model[k] in ("none", "full", "dots", "dots_no_batch", "nothing"), f"model.{k}",
              f"expected none | full | dots | dots_no_batch | nothing, got {tc.model[k]!r}")
