@@ -231,25 +231,36 @@ def test_vision_warmup_learns_object_tags_and_touches_only_the_tower(tmp_path):
     """The tiny recipe's tower warm start: labels from the synthesized descriptions, loss falls,
     same tree back, deterministic; misuse is a config error naming the key."""
     from fusion_jax.synth import generate_dataset
-    from fusion_jax.train.tower_warmup import object_targets, read_scenes, warm_start_tower
+    from fusion_jax.train.tower_warmup import read_scenes, tag_targets, warm_start_tower
     data = str(tmp_path / "data")
-    generate_dataset(data, 40, seed=1, image_size=32, difficulty="easy", heldout_fraction=0.1)
+    generate_dataset(data, 60, seed=1, image_size=32, difficulty="easy", heldout_fraction=0.1)
     rows = read_scenes(data)
-    patch, shape, color, shapes, colors = object_targets(rows, 4)
-    assert shapes == ["circle", "square", "triangle"] and patch.shape == shape.shape == color.shape
-    r = next(r for r in rows if r["scene"]["objects"])
-    o = r["scene"]["objects"][0]
-    assert patch[rows.index(r), 0] == min(int(o["y"] * 4), 3) * 4 + min(int(o["x"] * 4), 3)
-    assert ((shape >= 0) == (color >= 0)).all() and (shape >= 0).sum() == sum(len(r["scene"]["objects"]) for r in rows)
+    tg = tag_targets(rows, 4)
+    assert tg["shapes"] == ["circle", "square", "triangle"]
+    assert tg["patch"].shape == tg["shape"].shape == tg["word"].shape
+    i = next(i for i, r in enumerate(rows) if r["scene"]["objects"])
+    o = rows[i]["scene"]["objects"][0]
+    assert tg["patch"][i, 0] == min(int(o["y"] * 4), 3) * 4 + min(int(o["x"] * 4), 3)
+    # every object is one slot with shape and colour, every text item one slot with its word
+    obj = tg["shape"] >= 0
+    assert (obj == (tg["color"] >= 0)).all() and not (obj & (tg["word"] >= 0)).any()
+    assert obj.sum() == sum(len(r["scene"]["objects"]) for r in rows)
+    i = next(i for i, r in enumerate(rows) if r["scene"]["texts"])
+    t = rows[i]["scene"]["texts"][0]
+    j = len(rows[i]["scene"]["objects"])
+    assert tg["words"][tg["word"][i, j]] == t["text"]
+    assert tg["patch"][i, j] == min(int((t["y0"] + t["y1"]) / 2 * 4), 3) * 4 + min(int((t["x0"] + t["x1"]) / 2 * 4), 3)
 
     from fusion_jax.model import FusionForCausalLM
     from flax import nnx
     cfg = _cfg()
     tower0 = jax.tree.map(np.asarray, nnx.state(FusionForCausalLM(cfg).model.vision_tower, nnx.Param).to_pure_dict())
-    kw = dict(steps=60, lr=3e-3, batch_size=8, seed=0, log=lambda m: None)
+    kw = dict(steps=60, lr=3e-3, batch_size=8, seed=0, text_images=24, image_size=32, difficulty="easy",
+              log=lambda m: None)
     a, st = warm_start_tower(cfg, data, tower0, **kw)
     b, _ = warm_start_tower(cfg, data, tower0, **kw)
     assert st["loss_last"] < 0.8 * st["loss_first"], st
+    assert st["text_images"] == 24 and st["images"] == len(rows) and len(st["words"]) > 3, st
     assert jax.tree.structure(a) == jax.tree.structure(tower0)
     for x, y, z in zip(jax.tree.leaves(a), jax.tree.leaves(b), jax.tree.leaves(tower0)):
         assert x.shape == z.shape

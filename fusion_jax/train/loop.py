@@ -312,7 +312,9 @@ def train(tc, workdir: str) -> dict:
             vw = tc.vision_warmup
             tower, _ = warm_start_tower(cfg, tc.data.image_folder, jax.device_get(params["model"]["vision_tower"]),
                                      steps=int(vw.steps), lr=float(vw.lr), batch_size=int(vw.batch_size),
-                                     seed=int(tc.seed), log=log)
+                                     seed=int(tc.seed), text_images=int(vw.get("text_images", 0)),
+                                     image_size=int(tc.data.synth_image_size),
+                                     difficulty=str(tc.data.synth_difficulty), log=log)
             params["model"]["vision_tower"] = jax.tree.map(
                 lambda a, b: jax.device_put(np.asarray(b, a.dtype), a.sharding), params["model"]["vision_tower"], tower)
         state = s.init_state(params)

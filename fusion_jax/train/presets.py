@@ -59,8 +59,9 @@ def base_config() -> mlc.ConfigDict:
     c.grad_accum = 1
     c.tensorboard = True
     c.stop_after = -1             # stop (with a checkpoint) after this many steps of this run; testing
-    # tower warm start on the synthesized descriptions (fusion_jax/train/tower_warmup.py); 0: off
-    c.vision_warmup = mlc.ConfigDict(dict(steps=0, lr=2e-3, batch_size=16))
+    # tower warm start on the synthesized descriptions (fusion_jax/train/tower_warmup.py); 0: off.
+    # text_images: a rendered text corpus read alongside (batch_size more images per step)
+    c.vision_warmup = mlc.ConfigDict(dict(steps=0, lr=2e-3, batch_size=16, text_images=0))
     c.optim = mlc.ConfigDict(dict(
         lr=2e-5, vision_lr=mlc.FieldReference(None, field_type=float), warmup_ratio=0.03,
         schedule="cosine", weight_decay=0.0, grad_clip=1.0, b1=0.9, b2=0.999, eps=1e-8, freeze=""))
@@ -114,7 +115,7 @@ def stage_config(size: str, stage: str, x: bool = False) -> mlc.ConfigDict:
 def tiny_train_config(**model_overrides) -> mlc.ConfigDict:
     """CPU, offline: synthesized data, a tiny model; 11-15 minutes on 2 cores (docs/ablations.md)."""
     c = base_config()
-    c.total_steps = 1200                # 11-15 min on 2 cores incl. synthesis (docs/ablations.md)
+    c.total_steps = 1100                # 11-15 min on 2 cores incl. synthesis (docs/ablations.md)
     c.log_every = 25
     c.checkpoint_every = 100
     c.keep_checkpoints = 2
@@ -122,6 +123,7 @@ def tiny_train_config(**model_overrides) -> mlc.ConfigDict:
     c.optim.lr = 2e-3
     c.optim.vision_lr = 2e-4              # one tenth, as FUSION's stage 2; 2e-3 erases the warm start
     c.vision_warmup.steps = 600           # the stand-in for SigLIP pretraining (tower_warmup.py)
+    c.vision_warmup.text_images = 6000    # 900 text images alone do not teach it to read
     c.optim.warmup_ratio = 0.03
     c.model.preset = "tiny"
     c.model.compute_dtype = "float32"
