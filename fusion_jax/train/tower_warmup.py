@@ -34,10 +34,10 @@ def tag_targets(rows: list, grid: int) -> dict:
 
     Each slot holds the patch under its centre; objects get a shape id and a colour id, text
     items a word id. Returns {patch, shape, color, word: [N, S] int32, shapes, colors, words}."""
-    objs = [[o for o in r["scene"]["objects"]] for r in rows]
-    texts = [[t for t in r["scene"].get("texts", [])] for r in rows]
-    shapes = sorted({o["shape"] for os_ in objs for o in os_})
-    colors = sorted({o["color"] for os_ in objs for o in os_})
+    objs = [list(r["scene"]["objects"]) for r in rows]
+    texts = [list(r["scene"].get("texts", [])) for r in rows]
+    shapes = sorted({o["shape"] for ob in objs for o in ob})
+    colors = sorted({o["color"] for ob in objs for o in ob})
     words = sorted({t["text"] for ts in texts for t in ts})
     k = max([len(a) + len(b) for a, b in zip(objs, texts)] + [1])
     out = {n: np.full((len(rows), k), -1, np.int32) for n in ("shape", "color", "word")}
@@ -47,11 +47,11 @@ def tag_targets(rows: list, grid: int) -> dict:
         gy, gx = (min(max(int(v * grid), 0), grid - 1) for v in (y, x))
         return gy * grid + gx
 
-    for i, (os_, ts) in enumerate(zip(objs, texts)):
-        for j, o in enumerate(os_):
+    for i, (ob, ts) in enumerate(zip(objs, texts)):
+        for j, o in enumerate(ob):
             out["patch"][i, j] = at(o["x"], o["y"])
             out["shape"][i, j], out["color"][i, j] = shapes.index(o["shape"]), colors.index(o["color"])
-        for j, t in enumerate(ts, len(os_)):
+        for j, t in enumerate(ts, len(ob)):
             out["patch"][i, j] = at((t["x0"] + t["x1"]) / 2, (t["y0"] + t["y1"]) / 2)
             out["word"][i, j] = words.index(t["text"])
     return {**out, "shapes": shapes, "colors": colors, "words": words}
@@ -61,7 +61,7 @@ def render_text_corpus(n: int, image_size: int, difficulty: str, seed: int) -> t
     """``n`` freshly rendered text scenes (rows like ``read_scenes``'s, and their images).
 
     900 text images of a 6000-sample set teach the tiny tower to read 12 words at 0.58 held-out;
-    7000 teach it to 0.93 (docs/ablations.md). Pretraining corpora are separate from the QA set."""
+    6900 teach it to 0.93 (docs/ablations.md). Pretraining corpora are separate from the QA set."""
     from fusion_jax.synth.pipeline import SynthConfig, SynthPipeline
     pipe = SynthPipeline(SynthConfig(image_size=image_size, difficulty=difficulty))
     rng = np.random.default_rng([seed, 0x7E47])
