@@ -152,12 +152,13 @@ def warm_start_tower(cfg: FusionConfig, data_dir: str, tower_params: dict, *, st
                          *(jnp.asarray(tg[k][idx]) for k in ("patch", "shape", "color", "word"))))
     hist = np.asarray([np.concatenate([np.ravel(loss), acc]) for loss, acc in jax.device_get(hist)], np.float64)
     k = max(1, min(50, steps // 4))
-    stats = {"steps": steps, "images": n_data, "text_images": len(rows) - n_data, "shapes": tg["shapes"], "colors": tg["colors"],
-             "words": tg["words"], "loss_first": float(hist[:k, 0].mean()),
+    n_text = len(rows) - n_data
+    stats = {"steps": steps, "images": n_data, "text_images": n_text, "shapes": tg["shapes"],
+             "colors": tg["colors"], "words": tg["words"], "loss_first": float(hist[:k, 0].mean()),
              "loss_last": float(hist[-k:, 0].mean()), "shape_acc_last": float(hist[-k:, 1].mean()),
              "word_acc_last": float(hist[-k:, 2].mean()), "seconds": time.time() - t0}
     log(f"vision warm-up: {steps} steps tagging {ns} shapes, {nc} colours and {nw} words on {n_data} "
-        f"training images and {len(rows) - n_data} rendered text images; loss {stats['loss_first']:.3f} -> {stats['loss_last']:.3f}, shape accuracy "
-        f"{stats['shape_acc_last']:.3f}, word accuracy {stats['word_acc_last']:.3f} (last {k} batches); "
-        f"{stats['seconds']:.1f}s")
+        f"training images and {n_text} rendered text images; loss {stats['loss_first']:.3f} -> "
+        f"{stats['loss_last']:.3f}, shape accuracy {stats['shape_acc_last']:.3f}, word accuracy "
+        f"{stats['word_acc_last']:.3f} (last {k} batches); {stats['seconds']:.1f}s")
     return jax.tree.map(np.asarray, nnx.state(model.tower, nnx.Param).to_pure_dict()), stats
