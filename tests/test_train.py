@@ -269,6 +269,13 @@ def test_vision_warmup_learns_object_tags_and_touches_only_the_tower(tmp_path):
 
     with pytest.raises(ValueError, match=r"train_scenes\.jsonl"):
         read_scenes(str(tmp_path))
+    bad = tmp_path / "bad"
+    (bad / "meta").mkdir(parents=True)
+    for text, want in (('{"image": "a.png", "scene": {"objects": []}}\n', r"train_scenes\.jsonl:1 is not a scene record"),
+                       ('\n{"image": "a.png"\n', r"train_scenes\.jsonl:2 is not JSON")):
+        (bad / "meta" / "train_scenes.jsonl").write_text(text)
+        with pytest.raises(ValueError, match=want):
+            read_scenes(str(bad))
     with pytest.raises(ValueError, match=r"config\.vision_warmup\.steps"):
         loop.validate(_tc(**{"vision_warmup.steps": 5, "data.source": "path", "data.path": data,
                              "data.tokenizer": data}))

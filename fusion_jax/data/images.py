@@ -104,12 +104,16 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, exif_tran
     return img
 
 
+def main_view_uint8(img: Image.Image, size: int) -> np.ndarray:
+    """[S, S, 3] uint8: the whole image at S, the last of ``static_hd_crops_uint8``'s crops."""
+    return np.asarray(img.resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
+
+
 def static_hd_crops_uint8(img: Image.Image, size: int) -> np.ndarray:
     """[5, S, S, 3] uint8: the 2x2 tiles of the image resized to 2S (row-major), then the whole at S."""
     big = img.resize((2 * size, 2 * size), Image.Resampling.BICUBIC)
-    tiles = [big.crop((x, y, x + size, y + size)) for y in (0, size) for x in (0, size)]
-    whole = img.resize((size, size), Image.Resampling.BICUBIC)
-    return np.stack([np.asarray(t, dtype=np.uint8) for t in tiles + [whole]])
+    tiles = [np.asarray(big.crop((x, y, x + size, y + size)), dtype=np.uint8) for y in (0, size) for x in (0, size)]
+    return np.stack(tiles + [main_view_uint8(img, size)])
 
 
 def normalize_crops(crops_u8: np.ndarray) -> np.ndarray:

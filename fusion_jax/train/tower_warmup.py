@@ -20,10 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from PIL import Image
 
 from fusion_jax.config import FusionConfig
-from fusion_jax.data.images import static_hd_crops
+from fusion_jax.data.images import decode_image, main_view_uint8, normalize_crops, read_image_file
 from fusion_jax.vision import SiglipVisionTower
 
 SCENES = os.path.join("meta", "train_scenes.jsonl")
@@ -78,8 +77,20 @@ def read_scenes(data_dir: str) -> list:
     if not os.path.isfile(path):
         raise ValueError(f"config.vision_warmup: {path} not found (the warm-up needs the synthesized "
                          f"scene descriptions: data.source = 'synth')")
+    rows = []
     with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"config.vision_warmup: {path}:{n} is not JSON ({e})") from None
+            ok = isinstance(r, dict) and isinstance(r.get("image"), str) and isinstance(r.get("scene"), dict)
+            if not ok or not {"objects", "texts"} <= r["scene"].keys():
+                raise ValueError(f"config.vision_warmup: {path}:{n} is not a scene record "
+                                 f"(needs image, scene.objects and scene.texts)")
+            rows.append(r)
     if not any(r["scene"]["objects"] for r in rows):
         raise ValueError(f"config.vision_warmup: no objects in {path}")
     return rows
@@ -112,12 +123,15 @@ def warm_start_tower(cfg: FusionConfig, data_dir: str, tower_params: dict, *, st
     t0 = time.time()
     rows = read_scenes(data_dir)
     size = cfg.vision.image_size
-    pil = [Image.open(os.path.join(data_dir, r["image"])).convert("RGB") for r in rows]
+    views = []
+    for r in rows:
+        path = os.path.join(data_dir, r["image"])
+        views.append(main_view_uint8(decode_image(read_image_file(path), name=path), size))
     n_data = len(rows)
     if text_images > 0:
         extra_rows, extra_pil = render_text_corpus(text_images, image_size, difficulty, seed)
-        rows, pil = rows + extra_rows, pil + extra_pil
-    images = np.stack([static_hd_crops(im, size)[4] for im in pil])
+        rows, views = rows + extra_rows, views + [main_view_uint8(im, size) for im in extra_pil]
+    images = normalize_crops(np.stack(views))  # the main view, as the model sees it
     tg = tag_targets(rows, cfg.vision.grid)
     ns, nc, nw = len(tg["shapes"]), len(tg["colors"]), len(tg["words"])
     model = _Tagger(cfg, ns + nc + nw, nnx.Rngs(seed))
