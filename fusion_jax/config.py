@@ -140,6 +140,9 @@ class FusionConfig:
     # pretrained LLM; a tiny model trained from scratch needs word embeddings on the scale of
     # the image features (~1), or the question's words drown next to them (docs/ablations.md).
     embed_init_std: float = 0.02
+    # init only: the tower's position embedding, "normal" (std 0.02) or "sincos2d" (a tower
+    # trained from scratch; with 0.02 its patches barely know where they are)
+    vision_posemb_init: str = "normal"
 
     def __post_init__(self):
         if self.early_mask_mode not in EARLY_MASK_MODES:
@@ -155,6 +158,8 @@ class FusionConfig:
         self.projector_depth  # validates the type
         if not (math.isfinite(self.embed_init_std) and self.embed_init_std > 0):
             raise ValueError(f"embed_init_std={self.embed_init_std!r}: expected a finite number > 0")
+        if self.vision_posemb_init not in ("normal", "sincos2d"):
+            raise ValueError(f"vision_posemb_init={self.vision_posemb_init!r}: expected normal | sincos2d")
         if self.llm.hidden_size % self.sampler_heads:
             raise ValueError(f"llm.hidden_size {self.llm.hidden_size} not divisible by "
                              f"sampler_heads {self.sampler_heads}")

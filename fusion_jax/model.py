@@ -32,7 +32,8 @@ class FusionModel(nnx.Module):
         self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, **kw)
         self.vision_tower = SiglipVisionTower(v, rngs=rngs, early_mask_mode=cfg.early_mask_mode,
                                               remat_policy=cfg.vision_remat_policy or cfg.remat_policy,
-                                              scan=cfg.scan_layers, attn_impl=cfg.attention_impl, **kw)
+                                              scan=cfg.scan_layers, attn_impl=cfg.attention_impl,
+                                              posemb_init=cfg.vision_posemb_init, **kw)
         d = cfg.projector_depth
         self.mm_projector = Projector(3 * v.hidden_size, c.hidden_size, d, rngs=rngs,
                                       axes_in=("vision_mlp", "embed"), axes_out=("mlp", "embed"), **kw)

@@ -68,13 +68,31 @@ class SiglipEncoderLayer(nnx.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
+def sincos_2d(grid: int, dim: int, temperature: float = 10000.0) -> np.ndarray:
+    """[grid*grid, dim] fixed 2-D sin/cos position code, patches row-major: a quarter of the
+    channels each for sin(x w), cos(x w), sin(y w), cos(y w) over dim/4 geometric frequencies."""
+    if dim % 4:
+        raise ValueError(f"sincos2d position init needs a hidden size divisible by 4, got {dim}")
+    w = 1.0 / temperature ** (np.arange(dim // 4) / (dim // 4))
+    y, x = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+    ax, ay = x.reshape(-1, 1) * w, y.reshape(-1, 1) * w
+    return np.concatenate([np.sin(ax), np.cos(ax), np.sin(ay), np.cos(ay)], 1).astype(np.float32)
+
+
+POSEMB_INITS = ("normal", "sincos2d")
+
+
 class SiglipEmbeddings(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, rngs, param_dtype, dtype):
+    def __init__(self, cfg: VisionConfig, *, rngs, param_dtype, dtype, posemb_init="normal"):
         p, C, D = cfg.patch_size, cfg.num_channels, cfg.hidden_size
         # Conv2d(k=p, stride=p) as a matmul over flattened (C, p, p) patches.
         self.patch_embedding = Linear(C * p * p, D, axes=("patch", "vision_embed"), rngs=rngs,
                                       param_dtype=param_dtype, dtype=dtype)
         e = jax.random.normal(rngs.params(), (cfg.num_patches, D), jnp.float32) * 0.02
+        if posemb_init == "sincos2d":  # a tower trained from scratch: x and y linearly readable
+            e = jnp.asarray(sincos_2d(math.isqrt(cfg.num_patches), D))
+        elif posemb_init != "normal":
+            raise ValueError(f"vision_posemb_init={posemb_init!r}: expected one of {POSEMB_INITS}")
         self.position_embedding = _param(e.astype(param_dtype), ("patch_pos", "vision_embed"))
         self.patch_size, self.dtype = p, dtype
 
@@ -93,9 +111,11 @@ class SiglipVisionTower(nnx.Module):
     """SigLIP without its last layer and head; `post_layernorm` kept (unused, as in the reference)."""
 
     def __init__(self, cfg: VisionConfig, *, rngs, param_dtype="float32", dtype="float32",
-                 early_mask_mode="reference", remat_policy="none", scan=True, attn_impl="auto"):
+                 early_mask_mode="reference", remat_policy="none", scan=True, attn_impl="auto",
+                 posemb_init="normal"):
         self.cfg = cfg
-        self.embeddings = SiglipEmbeddings(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        self.embeddings = SiglipEmbeddings(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype,
+                                           posemb_init=posemb_init)
         self.layers = SiglipEncoderLayer(cfg, stack=(cfg.num_layers,), rngs=rngs,
                                          param_dtype=param_dtype, dtype=dtype, attn_impl=attn_impl)
         self.post_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps,

@@ -90,6 +90,9 @@ def test_cache_and_argument_mismatch(tmp_path):
         generate_dataset(out, 6, seed=1, image_size=32, difficulty="easy")
     s3 = generate_dataset(out, 6, seed=1, image_size=32, difficulty="easy", overwrite=True)
     assert s3["cached"] is False and s3["args"]["seed"] == 1
+    assert "spatial_refs" not in s3["args"]  # the default leaves older cached sets valid
+    with pytest.raises(ValueError, match="overwrite"):
+        generate_dataset(out, 6, seed=1, image_size=32, difficulty="easy", spatial_refs="color")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,6 +299,12 @@ def test_spatial_refs_by_colour():
     for d in ("easy", "full"):
         pipe = SynthPipeline(SynthConfig(kinds=("spatial",), image_size=64, difficulty=d))
         assert pipe.qa_writer.spatial_refs == "shape"
+    # the pipeline option (config.data.synth_spatial_refs, CLI --spatial-refs): easy spatial scenes
+    # keep colours unique, so every question names both objects by colour
+    pipe = SynthPipeline(SynthConfig(kinds=("spatial",), image_size=64, difficulty="easy", spatial_refs="color"))
+    for i in range(8):
+        for q in pipe.make_sample(3, "train", i).qas:
+            assert set(q.spec["a"]) == set(q.spec["b"]) == {"color"}, q.question
     with pytest.raises(ValueError, match="spatial_refs"):
         TemplateQAWriter(spatial_refs="size")
 

@@ -33,6 +33,8 @@ class SynthConfig:
     # probability that a training conversation ends with "Which shapes are in the image?"
     # (all objects by colour and shape; needs a QA writer with ``describe``)
     describe_fraction: float = 0.0
+    # how spatial questions name objects: "shape" ('the circle') or "color" ('the red object')
+    spatial_refs: str = "shape"
     fonts: str = "builtin"
     max_attempts: int = 40
 
@@ -87,7 +89,7 @@ class SynthPipeline:
         self.qa_writer = qa_writer or TemplateQAWriter(
             mc_fraction=c.mc_fraction, long_fraction=c.long_fraction,
             short_suffix="" if c.difficulty == "easy" else SHORT_SUFFIX,
-            varied=c.difficulty != "easy")
+            varied=c.difficulty != "easy", spatial_refs=c.spatial_refs)
         self.filters = FilterChain(filters)
         self.model_filter = ModelScoreFilter(scorer, scorer_threshold) if scorer is not None else None
 

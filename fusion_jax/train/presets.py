@@ -78,7 +78,8 @@ def base_config() -> mlc.ConfigDict:
         max_length=2048, max_questions=16, max_instruct_len=512,
         seq_buckets=(1024, 2048), instruct_buckets=(), order="length_grouped", worker_count=4,
         synth_num=0, synth_seed=0, synth_image_size=384, synth_workers=1, synth_heldout_fraction=0.1,
-        synth_difficulty="full", synth_kinds=(), synth_max_turns=0, synth_describe_fraction=0.0, tokenizer_vocab_size=512, synth_progress=False))
+        synth_difficulty="full", synth_kinds=(), synth_max_turns=0, synth_describe_fraction=0.0,
+        synth_spatial_refs="shape", tokenizer_vocab_size=512, synth_progress=False))
     return c
 
 
@@ -136,7 +137,7 @@ def tiny_train_config(**model_overrides) -> mlc.ConfigDict:
         hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
         vision_hidden_size=64, vision_intermediate_size=128, vision_layers=5, vision_heads=4,
         image_size=32, patch_size=4, num_sampler_layers=2, sampler_stride=2, sampler_heads=4,
-        tie_word_embeddings=False, embed_init_std=1.0))
+        tie_word_embeddings=False, embed_init_std=1.0, vision_posemb_init="normal"))
     c.data.source = "synth"
     c.data.template = "phi_3"
     c.data.max_length = 192
@@ -172,4 +173,5 @@ def tiny_model_config(tc, vocab_size: int) -> FusionConfig:
                                  image_size=t.image_size, patch_size=t.patch_size)
     return base.replace(llm=llm, vision=vision, num_sampler_layers=t.num_sampler_layers,
                         sampler_stride=t.sampler_stride, sampler_heads=t.sampler_heads,
-                        embed_init_std=float(t.get("embed_init_std", 0.02)))
+                        embed_init_std=float(t.get("embed_init_std", 0.02)),
+                        vision_posemb_init=str(t.get("vision_posemb_init", "normal")))
