@@ -402,6 +402,41 @@ def test_describe_turn_lists_every_object_last_and_train_only():
         assert on.make_sample(5, "eval", i).qas == off.make_sample(5, "eval", i).qas
 
 
+def test_locate_turn_asks_one_objects_half_of_the_image():
+    scene = Scene(_bg(), [_obj(0, "circle", "red", 0.2, 0.7), _obj(1, "square", "blue", 0.55, 0.3)], [])
+    assert evaluate(scene, {"op": "side", "sel": {"shape": "circle"}, "axis": "x"}) == "left"
+    assert evaluate(scene, {"op": "side", "sel": {"shape": "circle"}, "axis": "y"}) == "bottom"
+    assert evaluate(scene, {"op": "side", "sel": {"shape": "square"}, "axis": "y"}) == "top"
+    margin, ctx = SpatialMarginFilter(), FilterContext(image_size=64)
+    seen = set()
+    for seed in range(40):
+        qa = TemplateQAWriter().locate(scene, np.random.default_rng(seed))
+        assert qa.kind == "spatial" and qa.spec["op"] == "side" and qa.style == "short"
+        assert evaluate(scene, qa.spec) == qa.answer == qa.answer_text
+        assert margin(scene, qa, ctx) is None
+        seen.add((qa.spec["sel"]["shape"], qa.spec["axis"]))
+    assert seen == {("circle", "x"), ("circle", "y"), ("square", "y")}  # the square's x = 0.55 is too central
+    near = QAPair("spatial", "side", "q", "right", "right", "short",
+                  {"op": "side", "sel": {"shape": "square"}, "axis": "x"})
+    assert "centre line" in margin(scene, near, ctx)
+    assert TemplateQAWriter().locate(Scene(_bg(), [], []), np.random.default_rng(0)) is None
+
+    cfg = dict(kinds=("color", "count", "spatial"), image_size=32, difficulty="easy", max_turns=2,
+               describe_fraction=0.5)
+    off, on = SynthPipeline(SynthConfig(**cfg)), SynthPipeline(SynthConfig(**cfg, locate_fraction=1.0))
+    located = 0
+    for i in range(12):
+        a, b = off.make_sample(5, "train", i), on.make_sample(5, "train", i)
+        assert a.scene.to_dict() == b.scene.to_dict() and b.qas[0] == a.qas[0]
+        ops = [q.spec["op"] for q in b.qas]
+        # second, before any describe turn; absent when no object is nameable and off the centre line
+        if "side" in ops:
+            located += 1
+            assert ops.index("side") == 1 and ops[2:] in ([], ["objects"]), ops
+        assert on.make_sample(5, "eval", i).qas == off.make_sample(5, "eval", i).qas
+    assert located >= 9, located
+
+
 # ----------------------------------------------------------------------------------------------
 # CLI
 

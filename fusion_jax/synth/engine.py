@@ -39,7 +39,7 @@ def generate_dataset(out_dir: str, num: int, seed: int = 0, *, kinds: Optional[S
                      image_size: int = 384, workers: int = 1, heldout_fraction: float = 0.1,
                      difficulty: str = "full", max_turns: Optional[int] = None,
                      mc_fraction: Optional[float] = None, long_fraction: Optional[float] = None,
-                     describe_fraction: float = 0.0, spatial_refs: str = "shape", fonts: str = "builtin", progress: bool = False, overwrite: bool = False,
+                     describe_fraction: float = 0.0, spatial_refs: str = "shape", locate_fraction: float = 0.0, fonts: str = "builtin", progress: bool = False, overwrite: bool = False,
                      pipeline: Optional[SynthPipeline] = None, cache_key: Optional[dict] = None) -> dict:
     """Synthesize ``num`` samples into ``out_dir`` and return the summary dict.
 
@@ -59,7 +59,7 @@ def generate_dataset(out_dir: str, num: int, seed: int = 0, *, kinds: Optional[S
         cfg = SynthConfig(kinds=tuple(kinds) if kinds else KINDS, image_size=int(image_size),
                           difficulty=difficulty, max_turns=max_turns, mc_fraction=mc_fraction,
                           long_fraction=long_fraction, describe_fraction=float(describe_fraction),
-                          spatial_refs=spatial_refs, fonts=fonts)
+                          spatial_refs=spatial_refs, locate_fraction=float(locate_fraction), fonts=fonts)
         pipeline = SynthPipeline(cfg)
     cfg = pipeline.config
     n_train, n_eval = split_sizes(int(num), float(heldout_fraction))
@@ -70,6 +70,8 @@ def generate_dataset(out_dir: str, num: int, seed: int = 0, *, kinds: Optional[S
             "format_version": FORMAT_VERSION, "plugins": cache_key}
     if cfg.describe_fraction:  # absent when off, so sets cached before the option stay valid
         args["describe_fraction"] = cfg.describe_fraction
+    if cfg.locate_fraction:
+        args["locate_fraction"] = cfg.locate_fraction
     if cfg.spatial_refs != "shape":
         args["spatial_refs"] = cfg.spatial_refs
     old = read_summary(out_dir) if os.path.isdir(out_dir) else None

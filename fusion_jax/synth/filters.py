@@ -133,6 +133,10 @@ class SpatialMarginFilter:
 
     def __call__(self, scene: Scene, qa: QAPair, ctx: FilterContext) -> Optional[str]:
         op = qa.spec["op"]
+        if op == "side":
+            o = select(scene, qa.spec["sel"])
+            d = abs((o[0].x if qa.spec["axis"] == "x" else o[0].y) - 0.5) if len(o) == 1 else 0.0
+            return None if d >= self.margin else f"too close to the centre line to call ({d:.3f} < {self.margin})"
         if op not in ("lr", "ab", "rel_is"):
             return None
         try:

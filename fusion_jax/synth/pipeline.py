@@ -33,6 +33,9 @@ class SynthConfig:
     # probability that a training conversation ends with "Which shapes are in the image?"
     # (all objects by colour and shape; needs a QA writer with ``describe``)
     describe_fraction: float = 0.0
+    # probability that a training conversation with objects also asks which half of the image
+    # one object lies in (needs a QA writer with ``locate``), before any describe turn
+    locate_fraction: float = 0.0
     # how spatial questions name objects: "shape" ('the circle') or "color" ('the red object')
     spatial_refs: str = "shape"
     fonts: str = "builtin"
@@ -130,16 +133,20 @@ class SynthPipeline:
             else:
                 n = int(rng.integers(1, c.max_turns + 1))
                 qas = kept[:n]
+                if c.locate_fraction > 0 and rng.random() < c.locate_fraction:
+                    qas = qas[:max(1, c.max_turns - 1)] + self._extra(scene, rng, ctx, rejections, "locate")
                 if c.describe_fraction > 0 and rng.random() < c.describe_fraction:
                     # last, so that no earlier answer can be copied from it
-                    qas = qas[:max(1, c.max_turns - 1)] + self._describe(scene, rng, ctx, rejections)
+                    located = bool(qas) and qas[-1].qtype == "side"
+                    qas = qas[:max(1, c.max_turns - 1) + located] + self._extra(scene, rng, ctx, rejections, "describe")
             return Sample(split, index, kind, scene, caption, image, qas, rejections, attempt)
         raise RuntimeError(f"no QA pair of kind {kind!r} survived the filters in {c.max_attempts} "
                            f"attempts (split={split}, index={index}, image_size={c.image_size})")
 
-    def _describe(self, scene, rng, ctx, rejections) -> list:
-        describe = getattr(self.qa_writer, "describe", None)
-        qa = describe(scene, rng) if describe is not None else None
+    def _extra(self, scene, rng, ctx, rejections, name) -> list:
+        """The QA writer's optional `describe` / `locate` turn, filtered ([] when absent)."""
+        make = getattr(self.qa_writer, name, None)
+        qa = make(scene, rng) if make is not None else None
         return [] if qa is None else self._filter(scene, [qa], ctx, rejections)
 
     def _filter(self, scene, cands, ctx, rejections) -> list:

@@ -56,6 +56,12 @@ def evaluate(scene: Scene, spec: dict) -> str:
         return str(len(select(scene, spec["sel"])))
     if op == "exists":
         return "yes" if select(scene, spec["sel"]) else "no"
+    if op == "side":  # which half of the image an object's centre lies in
+        o = _one(scene, spec["sel"])
+        d = (o.x - 0.5) if spec["axis"] == "x" else (o.y - 0.5)
+        if d == 0:
+            raise Ambiguous("object on the centre line")
+        return ("left" if d < 0 else "right") if spec["axis"] == "x" else ("top" if d < 0 else "bottom")
     if op in ("lr", "ab", "rel_is"):
         a, b = _one(scene, spec["a"]), _one(scene, spec["b"])
         if a is b:
@@ -99,7 +105,7 @@ def referenced_objects(scene: Scene, spec: dict) -> list:
     op = spec["op"]
     if op == "objects":
         return list(scene.objects)
-    if op in ("color_of", "shape_of", "count", "exists"):
+    if op in ("color_of", "shape_of", "count", "exists", "side"):
         return select(scene, spec["sel"])
     if op in ("lr", "ab", "rel_is"):
         return select(scene, spec["a"]) + select(scene, spec["b"])
@@ -324,6 +330,28 @@ class TemplateQAWriter:
                              "What shapes can you see?"])
         ans = list_objects(scene)
         return QAPair("scene", "objects", q, ans[0].upper() + ans[1:] + ".", ans, "long", {"op": "objects"})
+
+    def locate(self, scene: Scene, rng: np.random.Generator, min_offset: float = 0.15) -> Optional[QAPair]:
+        """'Is the circle on the left or the right side of the image?': one object's absolute
+        position, a training turn that needs one lookup where a relation needs two (the step
+        before comparing). None when no nameable object lies ``min_offset`` off a centre line."""
+        # (object, axis) pairs clear of the centre line, so the margin filter keeps most turns
+        cands = [(sel, axis) for o in scene.objects if (sel := self._ref(scene, o)) is not None
+                 for axis, c in (("x", o.x), ("y", o.y)) if abs(c - 0.5) >= min_offset]
+        if not cands:
+            return None
+        sel, axis = cands[int(rng.integers(len(cands)))]
+        np_ = noun_phrase(sel)
+        spec = {"op": "side", "sel": sel, "axis": axis}
+        try:
+            ans = evaluate(scene, spec)
+        except Ambiguous:
+            return None
+        if axis == "x":
+            q, vocab = f"Is {np_} on the left or the right side of the image?", ["left", "right"]
+        else:
+            q, vocab = f"Is {np_} in the top or the bottom half of the image?", ["top", "bottom"]
+        return QAPair("spatial", "side", q, ans, ans, "short", spec, chance=1.0 / len(vocab))
 
     def write(self, scene: Scene, caption: str, kind: str, rng: np.random.Generator,
               palette: Palette) -> list:
