@@ -2,7 +2,7 @@
 official PyTorch implementation measured on the same machine class.
 
     python benchmarks/bench_small.py [--steps 5] [--warmup 2] [--json out.json] [--variants]
-        [--no-train] [--no-generate] [--profile]
+        [--no-train] [--no-generate] [--profile] [--torch-baseline [--torch-steps N] [--smoke]]
 
 Train step: forward (both SigLIP passes, projectors, splicing, decoder with the interaction layers,
 lm_head, CE + DSM) and backward, `jax.value_and_grad` over ALL parameters, float32, no remat, no
@@ -15,6 +15,14 @@ Goals: train step >= 2x faster, generation >= 3x the reference tokens/s.
 --variants also times the step with other settings (unrolled layers, remat, default matmul
 precision) to show where time goes; --profile times the pieces (vision tower passes, decoder, loss)
 forward+backward separately.
+
+--torch-baseline first times, in this process, a PyTorch stand-in for the reference workload
+(torch_small_baseline.py: HF SigLIP + projector + Phi3, fp32, eager, torch threads = cores) and
+reports our speedups against it next to those against the recorded numbers, which come from
+another CPU. It omits FUSION's interaction layers and DSM loss: a LOWER BOUND on the reference's
+time, so speedups against it understate the real ones. --no-train / --no-generate skip only the
+JAX timings; --smoke shrinks the torch workload (2 layers per tower, 1 global crop per sample) to
+check that it runs, its numbers are meaningless.
 
 Images are 384 px like the reference (the patch embedding crops to 378 px like its VALID conv).
 """
@@ -126,15 +134,20 @@ def device_name():
     return d.platform, name
 
 
-def _time(fn, warmup, steps):
+def _time(fn, warmup, steps, before=None):
+    """`before` (if given) runs untimed ahead of every call (the torch baseline's zero_grad)."""
     import jax
+    before = before or (lambda: None)
     ts = []
+    before()
     t0 = time.perf_counter()
     jax.block_until_ready(fn())
     first = time.perf_counter() - t0
     for _ in range(max(warmup - 1, 0)):
+        before()
         jax.block_until_ready(fn())
     for _ in range(steps):
+        before()
         t0 = time.perf_counter()
         jax.block_until_ready(fn())
         ts.append(time.perf_counter() - t0)
@@ -270,6 +283,10 @@ def main(argv=None):
     p.add_argument("--precision", default="highest", choices=("default", "high", "highest"),
                    help="jax_default_matmul_precision (float32 parity with the reference: highest)")
     p.add_argument("--json", default=None)
+    p.add_argument("--torch-baseline", action="store_true",
+                   help="also time the same-machine PyTorch stand-in (torch_small_baseline.py)")
+    p.add_argument("--torch-steps", type=int, default=None, help="torch train steps (default --steps)")
+    p.add_argument("--smoke", action="store_true", help="tiny torch workload, only to see it run")
     a = p.parse_args(argv)
     import jax
     jax.config.update("jax_default_matmul_precision", a.precision)
@@ -289,6 +306,23 @@ def main(argv=None):
           f"{rt['train_step_seconds_median'] / 2:.2f} s), generation {fl['generate_flops'] / 1e9:.0f} GFLOP = "
           f"{fl['generate_floor_s']:.2f} s (goal needs <= {32 / (3 * rg['tokens_per_second_end_to_end']):.2f} s)",
           flush=True)
+    tb = None
+    if a.torch_baseline:   # before the JAX runs, so its models are freed before theirs are built
+        from torch_small_baseline import bench as torch_bench
+        tb = torch_bench(ref, _time, a.warmup, a.torch_steps or a.steps, a.gen_runs,
+                         log=lambda m: print(m, flush=True), smoke=a.smoke)
+        res["torch_baseline"] = tb
+        if a.smoke:
+            print("  (--smoke: 2-layer towers, 1 crop per sample; the ratios below mean nothing)", flush=True)
+        # > 1: this machine + the stand-in beat the recorded run on the other CPU
+        if "train_step" in tb:
+            x = rt["train_step_seconds_median"] / tb["train_step"]["median_s"]
+            print(f"  (this baseline runs at {x:.2f}x the speed of the recorded reference, "
+                  f"{rt['train_step_seconds_median']:.2f} s on the other CPU)", flush=True)
+        if "generate" in tb:
+            x = tb["generate"]["tokens_per_s"] / rg["tokens_per_second_end_to_end"]
+            print(f"  (this baseline runs at {x:.2f}x the speed of the recorded reference, "
+                  f"{rg['tokens_per_second_end_to_end']:.2f} tok/s on the other CPU)", flush=True)
     if not a.no_train:
         r = bench_train(cfg, a.warmup, a.steps, forward_only=a.forward)
         t = r["train_step"]["median_s"]
@@ -299,6 +333,11 @@ def main(argv=None):
               f"(first call incl. compile {r['train_step']['first_call_s']:.1f} s) | loss {r['loss']:.4f} | "
               f"reference {rt['train_step_seconds_median']:.2f} s -> {r['speedup_vs_reference']:.2f}x "
               f"(goal >= 2x)", flush=True)
+        if tb and "train_step" in tb:
+            r["speedup_vs_torch_baseline"] = tb["train_step"]["median_s"] / t
+            print(f"  vs same-machine torch baseline {tb['train_step']['median_s']:.3f} s (lower bound) -> "
+                  f"{r['speedup_vs_torch_baseline']:.2f}x (recorded reference: "
+                  f"{r['speedup_vs_reference']:.2f}x)", flush=True)
         if a.forward:
             print(f"forward only: median {r['forward']['median_s']:.3f} s (reference "
                   f"{rt['forward_seconds_median']:.2f} s)", flush=True)
@@ -310,6 +349,11 @@ def main(argv=None):
               f"{g['median_s']:.3f} s = {g['tokens_per_s']:.1f} tok/s (first call incl. compile "
               f"{g['first_call_s']:.1f} s) | reference {rg['tokens_per_second_end_to_end']:.2f} tok/s -> "
               f"{g['speedup_vs_reference']:.2f}x (goal >= 3x)", flush=True)
+        if tb and "generate" in tb:
+            g["speedup_vs_torch_baseline"] = g["tokens_per_s"] / tb["generate"]["tokens_per_s"]
+            print(f"  vs same-machine torch baseline {tb['generate']['tokens_per_s']:.1f} tok/s "
+                  f"(lower bound) -> {g['speedup_vs_torch_baseline']:.2f}x (recorded reference: "
+                  f"{g['speedup_vs_reference']:.2f}x)", flush=True)
     if a.variants:
         res["variants"] = {}
         for name, over in [("unrolled layers (scan_layers=False)", dict(scan_layers=False)),
