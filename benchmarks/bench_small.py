@@ -1,5 +1,6 @@
 """The `small` FUSION configuration of ../shared/perf/small_config.json, side by side with what the
-official PyTorch implementation measured on the same machine class.
+official PyTorch implementation measured on a 2-core AMD EPYC (a Zen 4; this host is a Zen 3, hence
+--torch-baseline, a same-machine PyTorch stand-in).
 
     python benchmarks/bench_small.py [--steps 5] [--warmup 2] [--json out.json] [--variants]
         [--no-train] [--no-generate] [--profile] [--torch-baseline [--torch-steps N] [--smoke]]
