@@ -109,6 +109,9 @@ def _thaw(t):
     return {k: list(v) if isinstance(v, tuple) else v for k, v in t}
 
 
+POSEMB_INITS = ("normal", "sincos2d")  # FusionConfig.vision_posemb_init
+
+
 @dataclass(frozen=True)
 class FusionConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
@@ -158,8 +161,8 @@ class FusionConfig:
         self.projector_depth  # validates the type
         if not (math.isfinite(self.embed_init_std) and self.embed_init_std > 0):
             raise ValueError(f"embed_init_std={self.embed_init_std!r}: expected a finite number > 0")
-        if self.vision_posemb_init not in ("normal", "sincos2d"):
-            raise ValueError(f"vision_posemb_init={self.vision_posemb_init!r}: expected normal | sincos2d")
+        if self.vision_posemb_init not in POSEMB_INITS:
+            raise ValueError(f"vision_posemb_init={self.vision_posemb_init!r}: expected one of {POSEMB_INITS}")
         if self.llm.hidden_size % self.sampler_heads:
             raise ValueError(f"llm.hidden_size {self.llm.hidden_size} not divisible by "
                              f"sampler_heads {self.sampler_heads}")

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from fusion_jax.attention import attention
-from fusion_jax.config import VisionConfig
+from fusion_jax.config import POSEMB_INITS, VisionConfig
 from fusion_jax.nn import ACT, LayerNorm, Linear, dtype_of, remat, scan_layers, _param
 from fusion_jax.sharding import constrain
 
@@ -78,8 +78,6 @@ def sincos_2d(grid: int, dim: int, temperature: float = 10000.0) -> np.ndarray:
     ax, ay = x.reshape(-1, 1) * w, y.reshape(-1, 1) * w
     return np.concatenate([np.sin(ax), np.cos(ax), np.sin(ay), np.cos(ay)], 1).astype(np.float32)
 
-
-POSEMB_INITS = ("normal", "sincos2d")
 
 
 class SiglipEmbeddings(nnx.Module):

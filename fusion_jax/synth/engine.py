@@ -39,7 +39,8 @@ def generate_dataset(out_dir: str, num: int, seed: int = 0, *, kinds: Optional[S
                      image_size: int = 384, workers: int = 1, heldout_fraction: float = 0.1,
                      difficulty: str = "full", max_turns: Optional[int] = None,
                      mc_fraction: Optional[float] = None, long_fraction: Optional[float] = None,
-                     describe_fraction: float = 0.0, spatial_refs: str = "shape", locate_fraction: float = 0.0, fonts: str = "builtin", progress: bool = False, overwrite: bool = False,
+                     describe_fraction: float = 0.0, spatial_refs: str = "shape", locate_fraction: float = 0.0,
+                     fonts: str = "builtin", progress: bool = False, overwrite: bool = False,
                      pipeline: Optional[SynthPipeline] = None, cache_key: Optional[dict] = None) -> dict:
     """Synthesize ``num`` samples into ``out_dir`` and return the summary dict.
 

@@ -133,9 +133,11 @@ class SpatialMarginFilter:
 
     def __call__(self, scene: Scene, qa: QAPair, ctx: FilterContext) -> Optional[str]:
         op = qa.spec["op"]
-        if op == "side":
-            o = select(scene, qa.spec["sel"])
-            d = abs((o[0].x if qa.spec["axis"] == "x" else o[0].y) - 0.5) if len(o) == 1 else 0.0
+        if op == "side":  # one object's half of the image: its centre clear of the centre line
+            objs = select(scene, qa.spec["sel"])
+            if len(objs) != 1:
+                return "missing referent"
+            d = abs((objs[0].x if qa.spec["axis"] == "x" else objs[0].y) - 0.5)
             return None if d >= self.margin else f"too close to the centre line to call ({d:.3f} < {self.margin})"
         if op not in ("lr", "ab", "rel_is"):
             return None

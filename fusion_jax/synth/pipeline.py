@@ -49,6 +49,11 @@ class SynthConfig:
             raise ValueError(f"unknown kinds {bad}; choose from {','.join(KINDS)}")
         if self.image_size < 16:
             raise ValueError("image_size must be >= 16")
+        for name in ("describe_fraction", "locate_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.spatial_refs not in ("shape", "color"):
+            raise ValueError(f"spatial_refs must be 'shape' or 'color', got {self.spatial_refs!r}")
         return dataclasses.replace(
             self,
             kinds=tuple(self.kinds),
@@ -138,7 +143,8 @@ class SynthPipeline:
                 if c.describe_fraction > 0 and rng.random() < c.describe_fraction:
                     # last, so that no earlier answer can be copied from it
                     located = bool(qas) and qas[-1].qtype == "side"
-                    qas = qas[:max(1, c.max_turns - 1) + located] + self._extra(scene, rng, ctx, rejections, "describe")
+                    qas = qas[:max(1, c.max_turns - 1) + located] + self._extra(scene, rng, ctx, rejections,
+                                                                                "describe")
             return Sample(split, index, kind, scene, caption, image, qas, rejections, attempt)
         raise RuntimeError(f"no QA pair of kind {kind!r} survived the filters in {c.max_attempts} "
                            f"attempts (split={split}, index={index}, image_size={c.image_size})")

@@ -101,7 +101,8 @@ class _Tagger(nnx.Module):
         v = cfg.vision
         self.tower = SiglipVisionTower(v, rngs=rngs, early_mask_mode=cfg.early_mask_mode, remat_policy="none",
                                        scan=cfg.scan_layers, attn_impl=cfg.attention_impl,
-                                       posemb_init=cfg.vision_posemb_init, param_dtype=cfg.param_dtype, dtype=cfg.compute_dtype)
+                                       posemb_init=cfg.vision_posemb_init, param_dtype=cfg.param_dtype,
+                                       dtype=cfg.compute_dtype)
         self.head = nnx.Linear(3 * v.hidden_size, n_out, rngs=rngs)
 
     def __call__(self, pixels, patch):
