@@ -86,6 +86,7 @@ class SiglipEmbeddings(nnx.Module):
         # Conv2d(k=p, stride=p) as a matmul over flattened (C, p, p) patches.
         self.patch_embedding = Linear(C * p * p, D, axes=("patch", "vision_embed"), rngs=rngs,
                                       param_dtype=param_dtype, dtype=dtype)
+        # drawn in every case, so the choice leaves every other parameter's init unchanged
         e = jax.random.normal(rngs.params(), (cfg.num_patches, D), jnp.float32) * 0.02
         if posemb_init == "sincos2d":  # a tower trained from scratch: x and y linearly readable
             e = jnp.asarray(sincos_2d(math.isqrt(cfg.num_patches), D))

@@ -138,13 +138,12 @@ class SynthPipeline:
             else:
                 n = int(rng.integers(1, c.max_turns + 1))
                 qas = kept[:n]
-                if c.locate_fraction > 0 and rng.random() < c.locate_fraction:
-                    qas = qas[:max(1, c.max_turns - 1)] + self._extra(scene, rng, ctx, rejections, "locate")
-                if c.describe_fraction > 0 and rng.random() < c.describe_fraction:
-                    # last, so that no earlier answer can be copied from it
-                    located = bool(qas) and qas[-1].qtype == "side"
-                    qas = qas[:max(1, c.max_turns - 1) + located] + self._extra(scene, rng, ctx, rejections,
-                                                                                "describe")
+                extra = []  # optional turns after the kind's own; describe last, so no earlier
+                for name, frac in (("locate", c.locate_fraction), ("describe", c.describe_fraction)):
+                    if frac > 0 and rng.random() < frac:  # answer can be copied from it
+                        extra += self._extra(scene, rng, ctx, rejections, name)
+                if extra:
+                    qas = qas[:max(1, c.max_turns - len(extra))] + extra
             return Sample(split, index, kind, scene, caption, image, qas, rejections, attempt)
         raise RuntimeError(f"no QA pair of kind {kind!r} survived the filters in {c.max_attempts} "
                            f"attempts (split={split}, index={index}, image_size={c.image_size})")
