@@ -402,6 +402,40 @@ def test_describe_turn_lists_every_object_last_and_train_only():
         assert on.make_sample(5, "eval", i).qas == off.make_sample(5, "eval", i).qas
 
 
+def test_describe_turn_with_positions_names_every_objects_location():
+    from fusion_jax.synth.qa import list_objects
+    scene = Scene(_bg(), [_obj(0, "triangle", "red", 0.8, 0.8), _obj(1, "circle", "blue", 0.5, 0.5),
+                          _obj(2, "triangle", "red", 0.2, 0.2)], [])
+    want = ("a blue circle in the center, a red triangle in the top left corner and "
+            "a red triangle in the bottom right corner")  # equal objects left to right
+    assert list_objects(scene, positions=True) == want
+    assert evaluate(scene, {"op": "objects", "positions": True}) == want
+    qa = TemplateQAWriter(describe_positions=True).describe(scene, np.random.default_rng(0))
+    assert qa.spec == {"op": "objects", "positions": True} and qa.answer == want[0].upper() + want[1:] + "."
+
+    cfg = dict(kinds=("color", "spatial"), image_size=32, difficulty="easy", max_turns=2, describe_fraction=1.0)
+    off, on = SynthPipeline(SynthConfig(**cfg)), SynthPipeline(SynthConfig(**cfg, describe_positions=True))
+    assert on.qa_writer.describe_positions and not off.qa_writer.describe_positions
+    for i in range(6):
+        a, b = off.make_sample(5, "train", i), on.make_sample(5, "train", i)
+        assert a.scene.to_dict() == b.scene.to_dict() and a.qas[:-1] == b.qas[:-1]
+        last = b.qas[-1]
+        assert last.spec["positions"] and evaluate(b.scene, last.spec) == last.answer_text
+        assert last.answer_text.count(" a ") + 1 == len(b.scene.objects)  # one phrase per object
+
+
+def test_describe_positions_in_the_cache_key(tmp_path):
+    out = str(tmp_path / "s")
+    s1 = generate_dataset(out, 6, seed=0, image_size=32, difficulty="easy", describe_fraction=1.0)
+    assert "describe_positions" not in s1["args"]
+    with pytest.raises(ValueError, match="overwrite"):
+        generate_dataset(out, 6, seed=0, image_size=32, difficulty="easy", describe_fraction=1.0,
+                         describe_positions=True)
+    s2 = generate_dataset(out, 6, seed=0, image_size=32, difficulty="easy", describe_fraction=1.0,
+                          describe_positions=True, overwrite=True)
+    assert s2["args"]["describe_positions"] is True
+
+
 def test_locate_turn_asks_one_objects_half_of_the_image():
     scene = Scene(_bg(), [_obj(0, "circle", "red", 0.2, 0.7), _obj(1, "square", "blue", 0.55, 0.3)], [])
     assert evaluate(scene, {"op": "side", "sel": {"shape": "circle"}, "axis": "x"}) == "left"

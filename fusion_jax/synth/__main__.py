@@ -27,6 +27,8 @@ def main(argv=None) -> int:
     ap.add_argument("--long-fraction", type=float, default=None)
     ap.add_argument("--describe-fraction", type=float, default=0.0,
                     help="probability that a training conversation ends with 'Which shapes are in the image?'")
+    ap.add_argument("--describe-positions", action="store_true",
+                    help="the describe turn also gives each object's location ('a red circle on the left')")
     ap.add_argument("--locate-fraction", type=float, default=0.0,
                     help="probability that a training conversation also asks which half of the image an object is in")
     ap.add_argument("--spatial-refs", choices=("shape", "color"), default="shape",
@@ -48,7 +50,8 @@ def main(argv=None) -> int:
         cfg = SynthConfig(kinds=kinds, image_size=a.image_size, difficulty=a.difficulty,
                           max_turns=a.max_turns, mc_fraction=a.mc_fraction, long_fraction=a.long_fraction,
                           describe_fraction=a.describe_fraction, spatial_refs=a.spatial_refs,
-                          locate_fraction=a.locate_fraction, fonts=a.fonts)
+                          locate_fraction=a.locate_fraction, describe_positions=a.describe_positions,
+                          fonts=a.fonts)
         pipeline = SynthPipeline(cfg, scorer=load_scorer(a.scorer, **kw), scorer_threshold=a.scorer_threshold)
         cache_key = {"scorer": a.scorer, "scorer_args": kw, "threshold": a.scorer_threshold}
     try:
@@ -57,7 +60,7 @@ def main(argv=None) -> int:
                                    difficulty=a.difficulty, max_turns=a.max_turns, mc_fraction=a.mc_fraction,
                                    long_fraction=a.long_fraction, describe_fraction=a.describe_fraction,
                                    spatial_refs=a.spatial_refs, locate_fraction=a.locate_fraction,
-                                   fonts=a.fonts, progress=not a.no_progress,
+                                   describe_positions=a.describe_positions, fonts=a.fonts, progress=not a.no_progress,
                                    overwrite=a.overwrite, pipeline=pipeline, cache_key=cache_key)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

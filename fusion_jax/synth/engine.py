@@ -40,6 +40,7 @@ def generate_dataset(out_dir: str, num: int, seed: int = 0, *, kinds: Optional[S
                      difficulty: str = "full", max_turns: Optional[int] = None,
                      mc_fraction: Optional[float] = None, long_fraction: Optional[float] = None,
                      describe_fraction: float = 0.0, spatial_refs: str = "shape", locate_fraction: float = 0.0,
+                     describe_positions: bool = False,
                      fonts: str = "builtin", progress: bool = False, overwrite: bool = False,
                      pipeline: Optional[SynthPipeline] = None, cache_key: Optional[dict] = None) -> dict:
     """Synthesize ``num`` samples into ``out_dir`` and return the summary dict.
@@ -60,7 +61,8 @@ def generate_dataset(out_dir: str, num: int, seed: int = 0, *, kinds: Optional[S
         cfg = SynthConfig(kinds=tuple(kinds) if kinds else KINDS, image_size=int(image_size),
                           difficulty=difficulty, max_turns=max_turns, mc_fraction=mc_fraction,
                           long_fraction=long_fraction, describe_fraction=float(describe_fraction),
-                          spatial_refs=spatial_refs, locate_fraction=float(locate_fraction), fonts=fonts)
+                          spatial_refs=spatial_refs, locate_fraction=float(locate_fraction),
+                          describe_positions=bool(describe_positions), fonts=fonts)
         pipeline = SynthPipeline(cfg)
     cfg = pipeline.config
     n_train, n_eval = split_sizes(int(num), float(heldout_fraction))
@@ -73,6 +75,8 @@ def generate_dataset(out_dir: str, num: int, seed: int = 0, *, kinds: Optional[S
         args["describe_fraction"] = cfg.describe_fraction
     if cfg.locate_fraction:
         args["locate_fraction"] = cfg.locate_fraction
+    if cfg.describe_positions:
+        args["describe_positions"] = True
     if cfg.spatial_refs != "shape":
         args["spatial_refs"] = cfg.spatial_refs
     old = read_summary(out_dir) if os.path.isdir(out_dir) else None

@@ -33,6 +33,8 @@ class SynthConfig:
     # probability that a training conversation ends with "Which shapes are in the image?"
     # (all objects by colour and shape; needs a QA writer with ``describe``)
     describe_fraction: float = 0.0
+    # the describe turn also gives each object's location ('a red circle in the top left corner')
+    describe_positions: bool = False
     # probability that a training conversation with objects also asks which half of the image
     # one object lies in (needs a QA writer with ``locate``), before any describe turn
     locate_fraction: float = 0.0
@@ -97,7 +99,8 @@ class SynthPipeline:
         self.qa_writer = qa_writer or TemplateQAWriter(
             mc_fraction=c.mc_fraction, long_fraction=c.long_fraction,
             short_suffix="" if c.difficulty == "easy" else SHORT_SUFFIX,
-            varied=c.difficulty != "easy", spatial_refs=c.spatial_refs)
+            varied=c.difficulty != "easy", spatial_refs=c.spatial_refs,
+            describe_positions=c.describe_positions)
         self.filters = FilterChain(filters)
         self.model_filter = ModelScoreFilter(scorer, scorer_threshold) if scorer is not None else None
 

@@ -13,7 +13,8 @@ from typing import Optional
 
 import numpy as np
 
-from .scene import (Palette, Scene, noun_phrase, number_word, plural, select, unique_selector)
+from .scene import (Palette, Scene, location_phrase, noun_phrase, number_word, plural, select,
+                    unique_selector)
 
 SHORT_SUFFIX = "Answer the question using a single word or phrase."
 MC_SUFFIX = "Answer with the option's letter from the given choices directly."
@@ -82,21 +83,28 @@ def evaluate(scene: Scene, spec: dict) -> str:
     if op == "caption":
         return spec["caption"]
     if op == "objects":
-        return list_objects(scene)
+        return list_objects(scene, positions=bool(spec.get("positions")))
     raise ValueError(f"unknown op {op!r}")
 
 
-def list_objects(scene: Scene) -> str:
+def list_objects(scene: Scene, positions: bool = False) -> str:
     """'a yellow circle, two green squares and a red triangle': every (colour, shape) group,
-    ordered by shape then colour name, so the words follow from the image alone."""
-    groups: dict = {}
-    for o in scene.objects:
-        groups[(o.shape, o.color)] = groups.get((o.shape, o.color), 0) + 1
-    if not groups:
+    ordered by shape then colour name, so the words follow from the image alone. ``positions``:
+    every object on its own with the caption's location phrase ('a green square on the left, a
+    green square in the top right corner and ...'), equal groups ordered left to right."""
+    if not scene.objects:
         raise Ambiguous("no objects to list")
-    parts = [(noun_phrase({"color": c, "shape": s}, "a") if n == 1 else
-              f"{number_word(n)} {noun_phrase({'color': c, 'shape': s}, '', n)}")
-             for (s, c), n in sorted(groups.items())]
+    if positions:
+        objs = sorted(scene.objects, key=lambda o: (o.shape, o.color, o.x, o.y))
+        parts = [f"{noun_phrase({'color': o.color, 'shape': o.shape}, 'a')} {location_phrase(o.x, o.y)}"
+                 for o in objs]
+    else:
+        groups: dict = {}
+        for o in scene.objects:
+            groups[(o.shape, o.color)] = groups.get((o.shape, o.color), 0) + 1
+        parts = [(noun_phrase({"color": c, "shape": s}, "a") if n == 1 else
+                  f"{number_word(n)} {noun_phrase({'color': c, 'shape': s}, '', n)}")
+                 for (s, c), n in sorted(groups.items())]
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
@@ -122,14 +130,16 @@ class TemplateQAWriter:
     ``spatial_refs``: how spatial questions name objects: ``shape`` ('the circle', adding colour
     or size only to disambiguate; the built-in pipeline's choice) or ``color`` ('the red object'
     when that colour is unique, else as ``shape``): spatial questions that need no shape recognition.
+    ``describe_positions``: the describe turn gives every object's location (``list_objects``).
     """
 
     def __init__(self, mc_fraction: float = 0.25, long_fraction: float = 0.3,
                  short_suffix: str = SHORT_SUFFIX, varied: bool = True, num_choices: int = 4,
-                 spatial_refs: str = "shape"):
+                 spatial_refs: str = "shape", describe_positions: bool = False):
         if spatial_refs not in ("shape", "color"):
             raise ValueError(f"spatial_refs must be 'shape' or 'color', got {spatial_refs!r}")
         self.spatial_refs = spatial_refs
+        self.describe_positions = bool(describe_positions)
         self.mc_fraction = mc_fraction
         self.long_fraction = long_fraction
         self.short_suffix = short_suffix
@@ -328,8 +338,9 @@ class TemplateQAWriter:
             return None
         q = self._pick(rng, ["Which shapes are in the image?", "List the shapes in the image.",
                              "What shapes can you see?"])
-        ans = list_objects(scene)
-        return QAPair("scene", "objects", q, ans[0].upper() + ans[1:] + ".", ans, "long", {"op": "objects"})
+        spec = {"op": "objects", "positions": True} if self.describe_positions else {"op": "objects"}
+        ans = evaluate(scene, spec)
+        return QAPair("scene", "objects", q, ans[0].upper() + ans[1:] + ".", ans, "long", spec)
 
     def locate(self, scene: Scene, rng: np.random.Generator, min_offset: float = 0.15) -> Optional[QAPair]:
         """'Is the circle on the left or the right side of the image?': one object's absolute

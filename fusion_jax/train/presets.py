@@ -79,7 +79,8 @@ def base_config() -> mlc.ConfigDict:
         seq_buckets=(1024, 2048), instruct_buckets=(), order="length_grouped", worker_count=4,
         synth_num=0, synth_seed=0, synth_image_size=384, synth_workers=1, synth_heldout_fraction=0.1,
         synth_difficulty="full", synth_kinds=(), synth_max_turns=0, synth_describe_fraction=0.0,
-        synth_spatial_refs="shape", synth_locate_fraction=0.0, tokenizer_vocab_size=512, synth_progress=False))
+        synth_spatial_refs="shape", synth_locate_fraction=0.0,
+        synth_describe_positions=False, tokenizer_vocab_size=512, synth_progress=False))
     return c
 
 
