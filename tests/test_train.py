@@ -266,6 +266,15 @@ def test_vision_warmup_learns_object_tags_and_touches_only_the_tower(tmp_path):
         assert x.shape == z.shape
         np.testing.assert_array_equal(x, y)
     assert any(not np.array_equal(x, z) for x, z in zip(jax.tree.leaves(a), jax.tree.leaves(tower0)))
+    # region targets (vision_warmup.region_bands): per shape then colour, column bands then row bands
+    from fusion_jax.train.tower_warmup import region_targets
+    one = [{"scene": {"objects": [{"shape": "square", "color": "red", "x": 0.9, "y": 0.1}]}}]
+    r = region_targets(one, ["circle", "square"], ["blue", "red"], 3).reshape(4, 2, 3)
+    assert r.sum() == 4 and r[1, 0, 2] == r[1, 1, 0] == r[3, 0, 2] == r[3, 1, 0] == 1
+    c, st2 = warm_start_tower(cfg, data, tower0, **{**kw, "region_bands": 2})
+    assert st2["region_bands"] == 2 and 0.0 <= st2["region_acc_last"] <= 1.0
+    assert st2["loss_last"] < 0.8 * st2["loss_first"], st2
+    assert jax.tree.structure(c) == jax.tree.structure(tower0)
 
     with pytest.raises(ValueError, match=r"train_scenes\.jsonl"):
         read_scenes(str(tmp_path))

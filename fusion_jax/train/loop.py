@@ -314,7 +314,8 @@ def train(tc, workdir: str) -> dict:
                                      steps=int(vw.steps), lr=float(vw.lr), batch_size=int(vw.batch_size),
                                      seed=int(tc.seed), text_images=int(vw.get("text_images", 0)),
                                      image_size=int(tc.data.synth_image_size),
-                                     difficulty=str(tc.data.synth_difficulty), log=log)
+                                     difficulty=str(tc.data.synth_difficulty),
+                                     region_bands=int(vw.get("region_bands", 0)), log=log)
             params["model"]["vision_tower"] = jax.tree.map(
                 lambda a, b: jax.device_put(np.asarray(b, a.dtype), a.sharding), params["model"]["vision_tower"], tower)
         state = s.init_state(params)

@@ -56,6 +56,19 @@ def tag_targets(rows: list, grid: int) -> dict:
     return {**out, "shapes": shapes, "colors": colors, "words": words}
 
 
+def region_targets(rows: list, shapes: list, colors: list, bands: int = 3) -> np.ndarray:
+    """[N, (S + C) * 2 * bands] float32 multi-hot, per image: for each shape (then colour) and each
+    column band and row band, whether an object of it has its centre in that band."""
+    names = list(shapes) + list(colors)
+    out = np.zeros((len(rows), len(names), 2, bands), np.float32)
+    for i, r in enumerate(rows):
+        for o in r["scene"]["objects"]:
+            bx, by = (min(max(int(v * bands), 0), bands - 1) for v in (o["x"], o["y"]))
+            for k in (names.index(o["shape"]), names.index(o["color"])):
+                out[i, k, 0, bx] = out[i, k, 1, by] = 1.0
+    return out.reshape(len(rows), -1)
+
+
 def render_text_corpus(n: int, image_size: int, difficulty: str, seed: int) -> tuple[list, list]:
     """``n`` freshly rendered text scenes (rows like ``read_scenes``'s, and their images).
 
@@ -97,17 +110,24 @@ def read_scenes(data_dir: str) -> list:
 
 
 class _Tagger(nnx.Module):
-    def __init__(self, cfg: FusionConfig, n_out: int, rngs: nnx.Rngs):
+    def __init__(self, cfg: FusionConfig, n_out: int, rngs: nnx.Rngs, n_region: int = 0):
         v = cfg.vision
         self.tower = SiglipVisionTower(v, rngs=rngs, early_mask_mode=cfg.early_mask_mode, remat_policy="none",
                                        scan=cfg.scan_layers, attn_impl=cfg.attention_impl,
                                        posemb_init=cfg.vision_posemb_init, param_dtype=cfg.param_dtype,
                                        dtype=cfg.compute_dtype)
         self.head = nnx.Linear(3 * v.hidden_size, n_out, rngs=rngs)
+        # image-level, from the patch mean: which band each shape / colour sits in. A linear read of
+        # a pool asks one patch feature to say "circle, top band", identity and place bound together
+        # where the LLM pools (docs/ablations.md)
+        self.region_head = nnx.Linear(3 * v.hidden_size, n_region, rngs=rngs) if n_region else None
 
     def __call__(self, pixels, patch):
         feats, _, _ = self.tower(pixels)  # the features the projector reads: 3 layers concatenated
-        return self.head(jnp.take_along_axis(feats, patch[..., None], axis=1).astype(jnp.float32))
+        tags = self.head(jnp.take_along_axis(feats, patch[..., None], axis=1).astype(jnp.float32))
+        if self.region_head is None:
+            return tags, None
+        return tags, self.region_head(feats.mean(axis=1).astype(jnp.float32))
 
 
 def _masked_mean(x, w):
@@ -116,11 +136,13 @@ def _masked_mean(x, w):
 
 def warm_start_tower(cfg: FusionConfig, data_dir: str, tower_params: dict, *, steps: int, lr: float,
                      batch_size: int, seed: int, text_images: int = 0, image_size: int = 384,
-                     difficulty: str = "full", log=print) -> tuple[dict, dict]:
+                     difficulty: str = "full", region_bands: int = 0, log=print) -> tuple[dict, dict]:
     """Train the tower (starting from ``tower_params``) on object and text tagging: (new params, stats).
 
     Each step sees ``batch_size`` training images and, with ``text_images`` > 0, as many images of a
-    text corpus rendered at ``image_size`` / ``difficulty`` (see ``render_text_corpus``)."""
+    text corpus rendered at ``image_size`` / ``difficulty`` (see ``render_text_corpus``). With
+    ``region_bands`` > 0 the patch mean also predicts ``region_targets`` (sigmoid
+    cross-entropy; ``region_acc_last`` is its balanced accuracy)."""
     t0 = time.time()
     rows = read_scenes(data_dir)
     size = cfg.vision.image_size
@@ -135,7 +157,9 @@ def warm_start_tower(cfg: FusionConfig, data_dir: str, tower_params: dict, *, st
     images = normalize_crops(np.stack(views))  # the main view, as the model sees it
     tg = tag_targets(rows, cfg.vision.grid)
     ns, nc, nw = len(tg["shapes"]), len(tg["colors"]), len(tg["words"])
-    model = _Tagger(cfg, ns + nc + nw, nnx.Rngs(seed))
+    regions = region_targets(rows, tg["shapes"], tg["colors"], region_bands) if region_bands > 0 else None
+    nr = 0 if regions is None else regions.shape[1]
+    model = _Tagger(cfg, ns + nc + nw, nnx.Rngs(seed), n_region=nr)
     nnx.update(model.tower, jax.tree.map(jnp.asarray, tower_params))
     sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, int(0.03 * steps)), steps)
     opt = nnx.Optimizer(model, optax.adamw(sched, weight_decay=0.0), wrt=nnx.Param)
@@ -144,14 +168,20 @@ def warm_start_tower(cfg: FusionConfig, data_dir: str, tower_params: dict, *, st
         return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(y, 0))
 
     @nnx.jit
-    def step(model, opt, x, p, s, c, w):
+    def step(model, opt, x, p, s, c, w, reg):
         def loss_fn(model):
-            out = model(x, p)
+            out, reg_logits = model(x, p)
             ls, lc, lw = out[..., :ns], out[..., ns:ns + nc], out[..., ns + nc:]
             obj, txt = (s >= 0).astype(jnp.float32), (w >= 0).astype(jnp.float32)
             loss = _masked_mean(ce(ls, s) + ce(lc, c), obj) + (_masked_mean(ce(lw, w), txt) if nw else 0.0)
+            reg_acc = 0.0
+            if nr:
+                loss = loss + optax.sigmoid_binary_cross_entropy(reg_logits, reg).mean() * 2 * region_bands
+                hit, pos = (reg_logits > 0).astype(jnp.float32), (reg > 0.5).astype(jnp.float32)
+                reg_acc = (_masked_mean(hit, pos) + _masked_mean(1 - hit, 1 - pos)) / 2  # balanced
             acc = jnp.stack([_masked_mean((ls.argmax(-1) == s).astype(jnp.float32), obj),
-                             _masked_mean((lw.argmax(-1) == w).astype(jnp.float32), txt) if nw else 0.0])
+                             _masked_mean((lw.argmax(-1) == w).astype(jnp.float32), txt) if nw else 0.0,
+                             jnp.asarray(reg_acc, jnp.float32)])
             return loss, acc
         (loss, acc), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         opt.update(model, grads)
@@ -163,17 +193,20 @@ def warm_start_tower(cfg: FusionConfig, data_dir: str, tower_params: dict, *, st
         idx = rng.integers(0, n_data, batch_size)
         if len(rows) > n_data:
             idx = np.concatenate([idx, rng.integers(n_data, len(rows), batch_size)])
+        reg = regions[idx] if nr else np.zeros((len(idx), 0), np.float32)
         hist.append(step(model, opt, jnp.asarray(images[idx]),
-                         *(jnp.asarray(tg[k][idx]) for k in ("patch", "shape", "color", "word"))))
+                         *(jnp.asarray(tg[k][idx]) for k in ("patch", "shape", "color", "word")), jnp.asarray(reg)))
     hist = np.asarray([np.concatenate([np.ravel(loss), acc]) for loss, acc in jax.device_get(hist)], np.float64)
     k = max(1, min(50, steps // 4))
     n_text = len(rows) - n_data
     stats = {"steps": steps, "images": n_data, "text_images": n_text, "shapes": tg["shapes"],
              "colors": tg["colors"], "words": tg["words"], "loss_first": float(hist[:k, 0].mean()),
              "loss_last": float(hist[-k:, 0].mean()), "shape_acc_last": float(hist[-k:, 1].mean()),
-             "word_acc_last": float(hist[-k:, 2].mean()), "seconds": time.time() - t0}
+             "word_acc_last": float(hist[-k:, 2].mean()), "region_acc_last": float(hist[-k:, 3].mean()),
+             "region_bands": region_bands, "seconds": time.time() - t0}
     log(f"vision warm-up: {steps} steps tagging {ns} shapes, {nc} colours and {nw} words on {n_data} "
         f"training images and {n_text} rendered text images; loss {stats['loss_first']:.3f} -> "
         f"{stats['loss_last']:.3f}, shape accuracy {stats['shape_acc_last']:.3f}, word accuracy "
-        f"{stats['word_acc_last']:.3f} (last {k} batches); {stats['seconds']:.1f}s")
+        f"{stats['word_acc_last']:.3f}" + (f", region balanced accuracy {stats['region_acc_last']:.3f}"
+                                             if nr else "") + f" (last {k} batches); {stats['seconds']:.1f}s")
     return jax.tree.map(np.asarray, nnx.state(model.tower, nnx.Param).to_pure_dict()), stats
