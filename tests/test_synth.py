@@ -413,7 +413,8 @@ def test_describe_turn_with_positions_names_every_objects_location():
     qa = TemplateQAWriter(describe_positions=True).describe(scene, np.random.default_rng(0))
     assert qa.spec == {"op": "objects", "positions": True} and qa.answer == want[0].upper() + want[1:] + "."
 
-    cfg = dict(kinds=("color", "spatial"), image_size=32, difficulty="easy", max_turns=2, describe_fraction=1.0)
+    cfg = dict(kinds=("color", "spatial"), image_size=32, difficulty="easy", max_turns=2,
+               describe_fraction=1.0)
     off, on = SynthPipeline(SynthConfig(**cfg)), SynthPipeline(SynthConfig(**cfg, describe_positions=True))
     assert on.qa_writer.describe_positions and not off.qa_writer.describe_positions
     for i in range(6):

@@ -285,6 +285,8 @@ def test_vision_warmup_learns_object_tags_and_touches_only_the_tower(tmp_path):
         (bad / "meta" / "train_scenes.jsonl").write_text(text)
         with pytest.raises(ValueError, match=want):
             read_scenes(str(bad))
+    with pytest.raises(ValueError, match=r"config\.vision_warmup\.region_bands"):
+        loop.validate(_tc(**{"vision_warmup.steps": 5, "vision_warmup.region_bands": -1, "data.source": "synth"}))
     with pytest.raises(ValueError, match=r"config\.vision_warmup\.steps"):
         loop.validate(_tc(**{"vision_warmup.steps": 5, "data.source": "path", "data.path": data,
                              "data.tokenizer": data}))

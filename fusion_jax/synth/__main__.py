@@ -60,7 +60,8 @@ def main(argv=None) -> int:
                                    difficulty=a.difficulty, max_turns=a.max_turns, mc_fraction=a.mc_fraction,
                                    long_fraction=a.long_fraction, describe_fraction=a.describe_fraction,
                                    spatial_refs=a.spatial_refs, locate_fraction=a.locate_fraction,
-                                   describe_positions=a.describe_positions, fonts=a.fonts, progress=not a.no_progress,
+                                   describe_positions=a.describe_positions, fonts=a.fonts,
+                                   progress=not a.no_progress,
                                    overwrite=a.overwrite, pipeline=pipeline, cache_key=cache_key)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

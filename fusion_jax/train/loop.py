@@ -71,6 +71,8 @@ def validate(tc):
         need(not tc.init_from, "vision_warmup.steps", "is for towers trained from scratch; init_from is set")
         need(jax.process_count() == 1, "vision_warmup.steps",
              f"runs in one process (it gathers the tower's weights); {jax.process_count()} processes")
+        bands = int(tc.vision_warmup.get("region_bands", 0))
+        need(0 <= bands <= 8, "vision_warmup.region_bands", f"must be 0 (off) to 8, got {bands}")
     for k in ("remat_policy", "vision_remat_policy"):
         need(tc.model[k] in ("none", "full", "dots", "dots_no_batch", "nothing"), f"model.{k}",
              f"expected none | full | dots | dots_no_batch | nothing, got {tc.model[k]!r}")

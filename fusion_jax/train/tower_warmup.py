@@ -195,7 +195,8 @@ def warm_start_tower(cfg: FusionConfig, data_dir: str, tower_params: dict, *, st
             idx = np.concatenate([idx, rng.integers(n_data, len(rows), batch_size)])
         reg = regions[idx] if nr else np.zeros((len(idx), 0), np.float32)
         hist.append(step(model, opt, jnp.asarray(images[idx]),
-                         *(jnp.asarray(tg[k][idx]) for k in ("patch", "shape", "color", "word")), jnp.asarray(reg)))
+                         *(jnp.asarray(tg[k][idx]) for k in ("patch", "shape", "color", "word")),
+                         jnp.asarray(reg)))
     hist = np.asarray([np.concatenate([np.ravel(loss), acc]) for loss, acc in jax.device_get(hist)], np.float64)
     k = max(1, min(50, steps // 4))
     n_text = len(rows) - n_data
