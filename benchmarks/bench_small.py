@@ -290,6 +290,8 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny torch workload, only to see it run")
     p.add_argument("--torch-after", action="store_true", help="time the torch baseline after the JAX runs")
     a = p.parse_args(argv)
+    if a.torch_after and not a.torch_baseline:
+        p.error("--torch-after needs --torch-baseline")
     import jax
     jax.config.update("jax_default_matmul_precision", a.precision)
     ref = load_reference()

@@ -470,7 +470,8 @@ def test_locate_turn_asks_one_objects_half_of_the_image():
             assert ops.index("side") == 1 and ops[2:] in ([], ["objects"]), ops
         assert on.make_sample(5, "eval", i).qas == off.make_sample(5, "eval", i).qas
     assert located >= 9, located
-    for bad in (dict(locate_fraction=1.5), dict(describe_fraction=-0.1), dict(spatial_refs="size")):
+    for bad in (dict(locate_fraction=1.5), dict(describe_fraction=-0.1), dict(spatial_refs="size"),
+                dict(describe_fraction=0.0, describe_positions=True)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SynthPipeline(SynthConfig(**cfg | bad))
 

@@ -54,6 +54,8 @@ class SynthConfig:
         for name in ("describe_fraction", "locate_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.describe_positions and not self.describe_fraction:
+            raise ValueError("describe_positions changes the describe turn; it needs describe_fraction > 0")
         if self.spatial_refs not in ("shape", "color"):
             raise ValueError(f"spatial_refs must be 'shape' or 'color', got {self.spatial_refs!r}")
         return dataclasses.replace(

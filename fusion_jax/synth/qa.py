@@ -91,7 +91,9 @@ def list_objects(scene: Scene, positions: bool = False) -> str:
     """'a yellow circle, two green squares and a red triangle': every (colour, shape) group,
     ordered by shape then colour name, so the words follow from the image alone. ``positions``:
     every object on its own with the caption's location phrase ('a green square on the left, a
-    green square in the top right corner and ...'), equal groups ordered left to right."""
+    green square in the top right corner and ...'), equal groups ordered left to right. The phrase
+    cuts the image in thirds (``region_of``), so an object near a cut is named by its centre alone:
+    a training turn, never asked at evaluation."""
     if not scene.objects:
         raise Ambiguous("no objects to list")
     if positions:

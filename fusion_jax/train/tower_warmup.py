@@ -176,6 +176,7 @@ def warm_start_tower(cfg: FusionConfig, data_dir: str, tower_params: dict, *, st
             loss = _masked_mean(ce(ls, s) + ce(lc, c), obj) + (_masked_mean(ce(lw, w), txt) if nw else 0.0)
             reg_acc = 0.0
             if nr:
+                # summed over one name's 2 * bands bits, averaged over names: as heavy as one tag
                 loss = loss + optax.sigmoid_binary_cross_entropy(reg_logits, reg).mean() * 2 * region_bands
                 hit, pos = (reg_logits > 0).astype(jnp.float32), (reg > 0.5).astype(jnp.float32)
                 reg_acc = (_masked_mean(hit, pos) + _masked_mean(1 - hit, 1 - pos)) / 2  # balanced
