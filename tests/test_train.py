@@ -271,8 +271,8 @@ def test_vision_warmup_learns_object_tags_and_touches_only_the_tower(tmp_path):
     one = [{"scene": {"objects": [{"shape": "square", "color": "red", "x": 0.9, "y": 0.1}]}}]
     r = region_targets(one, ["circle", "square"], ["blue", "red"], 3).reshape(4, 2, 3)
     assert r.sum() == 4 and r[1, 0, 2] == r[1, 1, 0] == r[3, 0, 2] == r[3, 1, 0] == 1
-    c, st2 = warm_start_tower(cfg, data, tower0, **{**kw, "region_bands": 2})
-    assert st2["region_bands"] == 2 and 0.0 <= st2["region_acc_last"] <= 1.0
+    c, st2 = warm_start_tower(cfg, data, tower0, **{**kw, "region_bands": 2, "region_weight": 3.0})
+    assert st2["region_bands"] == 2 and st2["region_weight"] == 3.0 and 0.0 <= st2["region_acc_last"] <= 1.0
     assert st2["loss_last"] < 0.8 * st2["loss_first"], st2
     assert jax.tree.structure(c) == jax.tree.structure(tower0)
 
@@ -287,6 +287,8 @@ def test_vision_warmup_learns_object_tags_and_touches_only_the_tower(tmp_path):
             read_scenes(str(bad))
     with pytest.raises(ValueError, match=r"config\.vision_warmup\.region_bands"):
         loop.validate(_tc(**{"vision_warmup.steps": 5, "vision_warmup.region_bands": -1, "data.source": "synth"}))
+    with pytest.raises(ValueError, match=r"config\.vision_warmup\.region_weight"):
+        loop.validate(_tc(**{"vision_warmup.steps": 5, "vision_warmup.region_weight": 0.0, "data.source": "synth"}))
     with pytest.raises(ValueError, match=r"config\.vision_warmup\.steps"):
         loop.validate(_tc(**{"vision_warmup.steps": 5, "data.source": "path", "data.path": data,
                              "data.tokenizer": data}))

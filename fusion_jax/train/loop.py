@@ -73,6 +73,8 @@ def validate(tc):
              f"runs in one process (it gathers the tower's weights); {jax.process_count()} processes")
         bands = int(tc.vision_warmup.get("region_bands", 0))
         need(0 <= bands <= 8, "vision_warmup.region_bands", f"must be 0 (off) to 8, got {bands}")
+        rw = float(tc.vision_warmup.get("region_weight", 1.0))
+        need(rw > 0, "vision_warmup.region_weight", f"must be > 0, got {rw}")
     for k in ("remat_policy", "vision_remat_policy"):
         need(tc.model[k] in ("none", "full", "dots", "dots_no_batch", "nothing"), f"model.{k}",
              f"expected none | full | dots | dots_no_batch | nothing, got {tc.model[k]!r}")
@@ -317,7 +319,8 @@ def train(tc, workdir: str) -> dict:
                                      seed=int(tc.seed), text_images=int(vw.get("text_images", 0)),
                                      image_size=int(tc.data.synth_image_size),
                                      difficulty=str(tc.data.synth_difficulty),
-                                     region_bands=int(vw.get("region_bands", 0)), log=log)
+                                     region_bands=int(vw.get("region_bands", 0)),
+                                     region_weight=float(vw.get("region_weight", 1.0)), log=log)
             params["model"]["vision_tower"] = jax.tree.map(
                 lambda a, b: jax.device_put(np.asarray(b, a.dtype), a.sharding), params["model"]["vision_tower"], tower)
         state = s.init_state(params)

@@ -63,7 +63,9 @@ def base_config() -> mlc.ConfigDict:
     # text_images: a rendered text corpus read alongside (batch_size more images per step)
     # region_bands: > 0 also trains the patch mean to say which of that many column / row bands each
     # shape and colour sits in (position bound to identity in the features the LLM pools)
-    c.vision_warmup = mlc.ConfigDict(dict(steps=0, lr=2e-3, batch_size=16, text_images=0, region_bands=0))
+    # region_weight: that loss's weight (1: as heavy as one object's shape + colour tags)
+    c.vision_warmup = mlc.ConfigDict(dict(steps=0, lr=2e-3, batch_size=16, text_images=0, region_bands=0,
+                                          region_weight=1.0))
     c.optim = mlc.ConfigDict(dict(
         lr=2e-5, vision_lr=mlc.FieldReference(None, field_type=float), warmup_ratio=0.03,
         schedule="cosine", weight_decay=0.0, grad_clip=1.0, b1=0.9, b2=0.999, eps=1e-8, freeze=""))

@@ -136,13 +136,14 @@ def _masked_mean(x, w):
 
 def warm_start_tower(cfg: FusionConfig, data_dir: str, tower_params: dict, *, steps: int, lr: float,
                      batch_size: int, seed: int, text_images: int = 0, image_size: int = 384,
-                     difficulty: str = "full", region_bands: int = 0, log=print) -> tuple[dict, dict]:
+                     difficulty: str = "full", region_bands: int = 0, region_weight: float = 1.0,
+                     log=print) -> tuple[dict, dict]:
     """Train the tower (starting from ``tower_params``) on object and text tagging: (new params, stats).
 
     Each step sees ``batch_size`` training images and, with ``text_images`` > 0, as many images of a
     text corpus rendered at ``image_size`` / ``difficulty`` (see ``render_text_corpus``). With
     ``region_bands`` > 0 the patch mean also predicts ``region_targets`` (sigmoid
-    cross-entropy; ``region_acc_last`` is its balanced accuracy)."""
+    cross-entropy, scaled by ``region_weight``; ``region_acc_last`` is its balanced accuracy)."""
     t0 = time.time()
     rows = read_scenes(data_dir)
     size = cfg.vision.image_size
@@ -177,7 +178,9 @@ def warm_start_tower(cfg: FusionConfig, data_dir: str, tower_params: dict, *, st
             reg_acc = 0.0
             if nr:
                 # summed over one name's 2 * bands bits, averaged over names: as heavy as one tag
-                loss = loss + optax.sigmoid_binary_cross_entropy(reg_logits, reg).mean() * 2 * region_bands
+                # (region_weight 1); binding is learnt slower than tags, so a heavier weight helps it
+                bce = optax.sigmoid_binary_cross_entropy(reg_logits, reg).mean() * 2 * region_bands
+                loss = loss + bce * region_weight
                 hit, pos = (reg_logits > 0).astype(jnp.float32), (reg > 0.5).astype(jnp.float32)
                 reg_acc = (_masked_mean(hit, pos) + _masked_mean(1 - hit, 1 - pos)) / 2  # balanced
             acc = jnp.stack([_masked_mean((ls.argmax(-1) == s).astype(jnp.float32), obj),
@@ -205,7 +208,8 @@ def warm_start_tower(cfg: FusionConfig, data_dir: str, tower_params: dict, *, st
              "colors": tg["colors"], "words": tg["words"], "loss_first": float(hist[:k, 0].mean()),
              "loss_last": float(hist[-k:, 0].mean()), "shape_acc_last": float(hist[-k:, 1].mean()),
              "word_acc_last": float(hist[-k:, 2].mean()), "region_acc_last": float(hist[-k:, 3].mean()),
-             "region_bands": region_bands, "seconds": time.time() - t0}
+             "region_bands": region_bands, "region_weight": region_weight,
+             "seconds": time.time() - t0}
     log(f"vision warm-up: {steps} steps tagging {ns} shapes, {nc} colours and {nw} words on {n_data} "
         f"training images and {n_text} rendered text images; loss {stats['loss_first']:.3f} -> "
         f"{stats['loss_last']:.3f}, shape accuracy {stats['shape_acc_last']:.3f}, word accuracy "
