@@ -91,6 +91,7 @@ def test_cache_and_argument_mismatch(tmp_path):
     s3 = generate_dataset(out, 6, seed=1, image_size=32, difficulty="easy", overwrite=True)
     assert s3["cached"] is False and s3["args"]["seed"] == 1
     assert "spatial_refs" not in s3["args"]  # the default leaves older cached sets valid
+    assert "spatial_order" not in s3["args"]
     with pytest.raises(ValueError, match="overwrite"):
         generate_dataset(out, 6, seed=1, image_size=32, difficulty="easy", spatial_refs="color")
 
@@ -308,6 +309,31 @@ def test_spatial_refs_by_colour():
     with pytest.raises(ValueError, match="spatial_refs"):
         TemplateQAWriter(spatial_refs="size")
 
+
+
+def test_spatial_order_subject_last():
+    """`subject_last` names the reference object first and the object asked about last; the specs,
+    answers and vocabularies are those of `subject_first` with the same draws."""
+    scene = Scene(_bg(), [_obj(0, "circle", "red", 0.2, 0.3), _obj(1, "square", "blue", 0.8, 0.7)], [])
+    kw = dict(mc_fraction=0, long_fraction=0)
+    first = TemplateQAWriter(**kw).write(scene, "", "spatial", np.random.default_rng(3), EASY)
+    last = TemplateQAWriter(spatial_order="subject_last", **kw).write(scene, "", "spatial",
+                                                                       np.random.default_rng(3), EASY)
+    assert [q.spec for q in first] == [q.spec for q in last] and len(last) == 2
+    assert [q.answer for q in first] == [q.answer for q in last]
+    for q in last:
+        assert evaluate(scene, q.spec) == q.answer
+        na, nb = q.spec["a"]["shape"], q.spec["b"]["shape"]
+        assert q.question.index(nb) < q.question.index(na), q.question  # asked-about object last
+        assert q.question.startswith(("Relative to the", "Compared with the")), q.question
+    pipe = SynthPipeline(SynthConfig(kinds=("spatial",), image_size=64, difficulty="easy",
+                                     spatial_order="subject_last"))
+    assert pipe.qa_writer.spatial_order == "subject_last"
+    assert SynthPipeline(SynthConfig(kinds=("spatial",), image_size=64)).qa_writer.spatial_order == "subject_first"
+    with pytest.raises(ValueError, match="spatial_order"):
+        TemplateQAWriter(spatial_order="random")
+    with pytest.raises(ValueError, match="spatial_order"):
+        SynthConfig(spatial_order="last").resolved()
 
 def test_model_score_filter_hook():
     scene = Scene(_bg(), [_obj(0, "circle", "red", 0.5, 0.5)], [])

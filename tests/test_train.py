@@ -227,6 +227,45 @@ def test_synth_tokenizer_learns_the_template_system_message(tmp_path):
     assert n["phi_3"] <= 7 < 15 < n[None], n
 
 
+
+def test_llm_warmup_trains_the_decoder_on_captions_only(tmp_path):
+    """The tiny recipe's decoder warm start: caption LM loss falls, the vision tower and the
+    interaction layers come back unchanged, deterministic; misuse is a config error naming the key."""
+    from flax import nnx
+    from fusion_jax.data.tokenizer import load_tokenizer
+    from fusion_jax.synth import generate_dataset
+    from fusion_jax.train.data import train_tokenizer
+    from fusion_jax.train.llm_warmup import caption_batches, warm_start_llm
+    from fusion_jax.train.step import build_model
+    data = str(tmp_path / "data")
+    generate_dataset(data, 40, seed=2, image_size=32, difficulty="easy", heldout_fraction=0.1)
+    tok = load_tokenizer(train_tokenizer(data, str(tmp_path / "tok"), vocab_size=400))
+    ids, mask = caption_batches(["a red circle is on the left.", "x " * 50], tok, 16)
+    assert ids.shape == mask.shape == (2, 16) and mask[1].all() and 0 < mask[0].sum() < 16
+    assert list(ids[0, :mask[0].sum()]) == list(tok("a red circle is on the left."))
+    import dataclasses
+    cfg = _cfg()
+    cfg = cfg.replace(llm=dataclasses.replace(cfg.llm, vocab_size=tok.vocab_size))
+    p0 = jax.tree.map(np.asarray, nnx.split(build_model(cfg, 0))[1].to_pure_dict())
+    kw = dict(steps=30, lr=3e-3, batch_size=4, seq_len=48, seed=0, log=lambda m: None)
+    a, st = warm_start_llm(cfg, p0, data, tok, **kw)
+    b, _ = warm_start_llm(cfg, p0, data, tok, **kw)
+    assert st["loss_last"] < 0.8 * st["loss_first"] and st["captions"] == 36, st
+    assert jax.tree.structure(a) == jax.tree.structure(p0)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+    for name in ("vision_tower", "vision_sampler_layers", "mm_projector"):
+        for x, z in zip(jax.tree.leaves(a["model"][name]), jax.tree.leaves(p0["model"][name])):
+            np.testing.assert_array_equal(x, z)
+    for name in ("embed_tokens", "layers"):
+        assert any(not np.array_equal(x, z) for x, z in zip(jax.tree.leaves(a["model"][name]),
+                                                            jax.tree.leaves(p0["model"][name])))
+    with pytest.raises(ValueError, match=r"config\.llm_warmup\.steps"):
+        loop.validate(_tc(**{"llm_warmup.steps": 5, "vision_warmup.steps": 0, "data.source": "path",
+                             "data.path": data, "data.tokenizer": data}))
+    with pytest.raises(ValueError, match=r"config\.llm_warmup\.seq_len"):
+        loop.validate(_tc(**{"llm_warmup.steps": 5, "llm_warmup.seq_len": 2, "data.source": "synth"}))
+
 def test_vision_warmup_learns_object_tags_and_touches_only_the_tower(tmp_path):
     """The tiny recipe's tower warm start: labels from the synthesized descriptions, loss falls,
     same tree back, deterministic; misuse is a config error naming the key."""

@@ -33,6 +33,9 @@ def main(argv=None) -> int:
                     help="probability that a training conversation also asks which half of the image an object is in")
     ap.add_argument("--spatial-refs", choices=("shape", "color"), default="shape",
                     help="spatial questions name objects by shape ('the circle') or colour ('the red object')")
+    ap.add_argument("--spatial-order", choices=("subject_first", "subject_last"), default="subject_first",
+                    help="relation questions name the object asked about first ('Is the circle left of the "
+                         "square?') or last ('Relative to the square, is the circle on the left?')")
     ap.add_argument("--fonts", choices=("builtin", "system"), default="builtin")
     ap.add_argument("--scorer", default=None,
                     help="model-based filter 'module:factory' (factory(**scorer_args) -> scorer(image, q, a))")
@@ -51,7 +54,7 @@ def main(argv=None) -> int:
                           max_turns=a.max_turns, mc_fraction=a.mc_fraction, long_fraction=a.long_fraction,
                           describe_fraction=a.describe_fraction, spatial_refs=a.spatial_refs,
                           locate_fraction=a.locate_fraction, describe_positions=a.describe_positions,
-                          fonts=a.fonts)
+                          spatial_order=a.spatial_order, fonts=a.fonts)
         pipeline = SynthPipeline(cfg, scorer=load_scorer(a.scorer, **kw), scorer_threshold=a.scorer_threshold)
         cache_key = {"scorer": a.scorer, "scorer_args": kw, "threshold": a.scorer_threshold}
     try:
@@ -60,7 +63,8 @@ def main(argv=None) -> int:
                                    difficulty=a.difficulty, max_turns=a.max_turns, mc_fraction=a.mc_fraction,
                                    long_fraction=a.long_fraction, describe_fraction=a.describe_fraction,
                                    spatial_refs=a.spatial_refs, locate_fraction=a.locate_fraction,
-                                   describe_positions=a.describe_positions, fonts=a.fonts,
+                                   describe_positions=a.describe_positions, spatial_order=a.spatial_order,
+                                   fonts=a.fonts,
                                    progress=not a.no_progress,
                                    overwrite=a.overwrite, pipeline=pipeline, cache_key=cache_key)
     except ValueError as e:

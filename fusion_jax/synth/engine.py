@@ -40,7 +40,7 @@ def generate_dataset(out_dir: str, num: int, seed: int = 0, *, kinds: Optional[S
                      difficulty: str = "full", max_turns: Optional[int] = None,
                      mc_fraction: Optional[float] = None, long_fraction: Optional[float] = None,
                      describe_fraction: float = 0.0, spatial_refs: str = "shape", locate_fraction: float = 0.0,
-                     describe_positions: bool = False,
+                     describe_positions: bool = False, spatial_order: str = "subject_first",
                      fonts: str = "builtin", progress: bool = False, overwrite: bool = False,
                      pipeline: Optional[SynthPipeline] = None, cache_key: Optional[dict] = None) -> dict:
     """Synthesize ``num`` samples into ``out_dir`` and return the summary dict.
@@ -62,7 +62,8 @@ def generate_dataset(out_dir: str, num: int, seed: int = 0, *, kinds: Optional[S
                           difficulty=difficulty, max_turns=max_turns, mc_fraction=mc_fraction,
                           long_fraction=long_fraction, describe_fraction=float(describe_fraction),
                           spatial_refs=spatial_refs, locate_fraction=float(locate_fraction),
-                          describe_positions=bool(describe_positions), fonts=fonts)
+                          describe_positions=bool(describe_positions), spatial_order=spatial_order,
+                          fonts=fonts)
         pipeline = SynthPipeline(cfg)
     cfg = pipeline.config
     n_train, n_eval = split_sizes(int(num), float(heldout_fraction))
@@ -79,6 +80,8 @@ def generate_dataset(out_dir: str, num: int, seed: int = 0, *, kinds: Optional[S
         args["describe_positions"] = True
     if cfg.spatial_refs != "shape":
         args["spatial_refs"] = cfg.spatial_refs
+    if cfg.spatial_order != "subject_first":
+        args["spatial_order"] = cfg.spatial_order
     old = read_summary(out_dir) if os.path.isdir(out_dir) else None
     if old is not None and not overwrite:
         if old.get("args") == args:

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .filters import FilterChain, FilterContext, ModelScoreFilter
-from .qa import SHORT_SUFFIX, QAPair, TemplateQAWriter, qa_to_dict
+from .qa import SHORT_SUFFIX, SPATIAL_ORDERS, QAPair, TemplateQAWriter, qa_to_dict
 from .render import ProceduralRenderer, png_bytes
 from .scene import (KINDS, CaptionWriter, ImageGenerator, ProceduralSceneSampler, QAWriter,
                     TemplateCaptionWriter, get_palette)
@@ -40,6 +40,8 @@ class SynthConfig:
     locate_fraction: float = 0.0
     # how spatial questions name objects: "shape" ('the circle') or "color" ('the red object')
     spatial_refs: str = "shape"
+    # where relation questions name the object asked about: "subject_first" | "subject_last"
+    spatial_order: str = "subject_first"
     fonts: str = "builtin"
     max_attempts: int = 40
 
@@ -58,6 +60,8 @@ class SynthConfig:
             raise ValueError("describe_positions changes the describe turn; it needs describe_fraction > 0")
         if self.spatial_refs not in ("shape", "color"):
             raise ValueError(f"spatial_refs must be 'shape' or 'color', got {self.spatial_refs!r}")
+        if self.spatial_order not in SPATIAL_ORDERS:
+            raise ValueError(f"spatial_order must be one of {SPATIAL_ORDERS}, got {self.spatial_order!r}")
         return dataclasses.replace(
             self,
             kinds=tuple(self.kinds),
@@ -102,7 +106,7 @@ class SynthPipeline:
             mc_fraction=c.mc_fraction, long_fraction=c.long_fraction,
             short_suffix="" if c.difficulty == "easy" else SHORT_SUFFIX,
             varied=c.difficulty != "easy", spatial_refs=c.spatial_refs,
-            describe_positions=c.describe_positions)
+            describe_positions=c.describe_positions, spatial_order=c.spatial_order)
         self.filters = FilterChain(filters)
         self.model_filter = ModelScoreFilter(scorer, scorer_threshold) if scorer is not None else None
 

@@ -122,6 +122,12 @@ def referenced_objects(scene: Scene, spec: dict) -> list:
     return []
 
 
+# where relation questions name the object asked about; subject_last puts it next to the answer,
+# so a small decoder reads the nearest noun instead of carrying the first one across the question
+SPATIAL_ORDERS = ("subject_first", "subject_last")
+SIDE_PHRASE = {"left": "on the left", "right": "on the right", "above": "above", "below": "below"}
+
+
 # ----------------------------------------------------------------------------------------------
 class TemplateQAWriter:
     """Built-in ``QAWriter``: templated questions about the structured description.
@@ -133,14 +139,21 @@ class TemplateQAWriter:
     or size only to disambiguate; the built-in pipeline's choice) or ``color`` ('the red object'
     when that colour is unique, else as ``shape``): spatial questions that need no shape recognition.
     ``describe_positions``: the describe turn gives every object's location (``list_objects``).
+    ``spatial_order``: where relation questions name the object asked about: ``subject_first``
+    ('Is the circle left or right of the square?') or ``subject_last`` ('Relative to the square,
+    is the circle on the left or on the right?'); same answers, same relations.
     """
 
     def __init__(self, mc_fraction: float = 0.25, long_fraction: float = 0.3,
                  short_suffix: str = SHORT_SUFFIX, varied: bool = True, num_choices: int = 4,
-                 spatial_refs: str = "shape", describe_positions: bool = False):
+                 spatial_refs: str = "shape", describe_positions: bool = False,
+                 spatial_order: str = "subject_first"):
         if spatial_refs not in ("shape", "color"):
             raise ValueError(f"spatial_refs must be 'shape' or 'color', got {spatial_refs!r}")
+        if spatial_order not in SPATIAL_ORDERS:
+            raise ValueError(f"spatial_order must be one of {SPATIAL_ORDERS}, got {spatial_order!r}")
         self.spatial_refs = spatial_refs
+        self.spatial_order = spatial_order
         self.describe_positions = bool(describe_positions)
         self.mc_fraction = mc_fraction
         self.long_fraction = long_fraction
@@ -244,7 +257,8 @@ class TemplateQAWriter:
                           "below": "below"}[rel]
                 spec = {"op": "rel_is", "a": sa, "b": sb, "rel": rel, "axis": axis}
                 ans = evaluate(scene, spec)
-                q = f"Is {na} {phrase} {nb}?"
+                q = (f"Is {na} {phrase} {nb}?" if self.spatial_order == "subject_first" else
+                     f"Relative to {nb}, is {na} {SIDE_PHRASE[rel]}?")
                 long_a = f"{'Yes' if ans == 'yes' else 'No'}, {na} is " \
                          f"{'' if ans == 'yes' else 'not '}{phrase} {nb}."
                 out.append(self._finish(rng, "spatial", "rel_is", spec, q, ans, long_a, ["yes", "no"],
@@ -254,14 +268,19 @@ class TemplateQAWriter:
                 spec = {"op": "lr", "a": sa, "b": sb}
                 ans = evaluate(scene, spec)
                 q = self._pick(rng, [f"Is {na} to the left or to the right of {nb}?",
-                                     f"Is {na} left or right of {nb}?"])
+                                     f"Is {na} left or right of {nb}?"] if self.spatial_order == "subject_first" else
+                               [f"Relative to {nb}, is {na} to the left or to the right?",
+                                f"Compared with {nb}, is {na} on the left or on the right?"])
                 long_a = f"{na.capitalize()} is to the {ans} of {nb}."
                 vocab = ["left", "right"]
             else:
                 spec = {"op": "ab", "a": sa, "b": sb}
                 ans = evaluate(scene, spec)
                 q = self._pick(rng, [f"Is {na} above or below {nb}?",
-                                     f"Is {na} higher or lower than {nb}? Answer above or below."])
+                                     f"Is {na} higher or lower than {nb}? Answer above or below."]
+                               if self.spatial_order == "subject_first" else
+                               [f"Relative to {nb}, is {na} above or below?",
+                                f"Compared with {nb}, is {na} higher or lower? Answer above or below."])
                 long_a = f"{na.capitalize()} is {ans} {nb}."
                 vocab = ["above", "below"]
             out.append(self._finish(rng, "spatial", spec["op"], spec, q, ans, long_a, vocab,

@@ -75,6 +75,12 @@ def validate(tc):
         need(0 <= bands <= 8, "vision_warmup.region_bands", f"must be 0 (off) to 8, got {bands}")
         rw = float(tc.vision_warmup.get("region_weight", 1.0))
         need(rw > 0, "vision_warmup.region_weight", f"must be > 0, got {rw}")
+    if int(tc.get("llm_warmup", {}).get("steps", 0)) > 0:
+        need(tc.data.source == "synth", "llm_warmup.steps",
+             "needs the synthesized captions: set data.source = 'synth' (or llm_warmup.steps = 0)")
+        need(not tc.init_from, "llm_warmup.steps", "is for decoders trained from scratch; init_from is set")
+        need(jax.process_count() == 1, "llm_warmup.steps", "runs on one process (a CPU demo stage)")
+        need(int(tc.llm_warmup.seq_len) >= 8, "llm_warmup.seq_len", f"must be >= 8, got {tc.llm_warmup.seq_len}")
     for k in ("remat_policy", "vision_remat_policy"):
         need(tc.model[k] in ("none", "full", "dots", "dots_no_batch", "nothing"), f"model.{k}",
              f"expected none | full | dots | dots_no_batch | nothing, got {tc.model[k]!r}")
@@ -323,6 +329,14 @@ def train(tc, workdir: str) -> dict:
                                      region_weight=float(vw.get("region_weight", 1.0)), log=log)
             params["model"]["vision_tower"] = jax.tree.map(
                 lambda a, b: jax.device_put(np.asarray(b, a.dtype), a.sharding), params["model"]["vision_tower"], tower)
+        if int(tc.get("llm_warmup", {}).get("steps", 0)) > 0:
+            from fusion_jax.train.llm_warmup import warm_start_llm
+            params = s.init_params() if params is None else params
+            lw = tc.llm_warmup
+            new, _ = warm_start_llm(cfg, jax.device_get(params), tc.data.image_folder, tokenizer,
+                                    steps=int(lw.steps), lr=float(lw.lr), batch_size=int(lw.batch_size),
+                                    seq_len=int(lw.seq_len), seed=int(tc.seed), log=log)
+            params = jax.tree.map(lambda a, b: jax.device_put(np.asarray(b, a.dtype), a.sharding), params, new)
         state = s.init_state(params)
         start = 0
         log(f"initialized from {tc.init_from or 'scratch (seed %d)' % tc.seed}")
