@@ -245,6 +245,7 @@ class TemplateQAWriter:
         refs = [(o, self._ref(scene, o)) for o in scene.objects]
         refs = [(o, s) for o, s in refs if s is not None]
         pairs = [(i, j) for i in range(len(refs)) for j in range(len(refs)) if i != j]
+        first = self.spatial_order == "subject_first"
         out = []
         for k in rng.permutation(len(pairs)).tolist():
             (a, sa), (b, sb) = refs[pairs[k][0]], refs[pairs[k][1]]
@@ -257,8 +258,7 @@ class TemplateQAWriter:
                           "below": "below"}[rel]
                 spec = {"op": "rel_is", "a": sa, "b": sb, "rel": rel, "axis": axis}
                 ans = evaluate(scene, spec)
-                q = (f"Is {na} {phrase} {nb}?" if self.spatial_order == "subject_first" else
-                     f"Relative to {nb}, is {na} {SIDE_PHRASE[rel]}?")
+                q = f"Is {na} {phrase} {nb}?" if first else f"Relative to {nb}, is {na} {SIDE_PHRASE[rel]}?"
                 long_a = f"{'Yes' if ans == 'yes' else 'No'}, {na} is " \
                          f"{'' if ans == 'yes' else 'not '}{phrase} {nb}."
                 out.append(self._finish(rng, "spatial", "rel_is", spec, q, ans, long_a, ["yes", "no"],
@@ -268,7 +268,7 @@ class TemplateQAWriter:
                 spec = {"op": "lr", "a": sa, "b": sb}
                 ans = evaluate(scene, spec)
                 q = self._pick(rng, [f"Is {na} to the left or to the right of {nb}?",
-                                     f"Is {na} left or right of {nb}?"] if self.spatial_order == "subject_first" else
+                                     f"Is {na} left or right of {nb}?"] if first else
                                [f"Relative to {nb}, is {na} to the left or to the right?",
                                 f"Compared with {nb}, is {na} on the left or on the right?"])
                 long_a = f"{na.capitalize()} is to the {ans} of {nb}."
@@ -277,8 +277,7 @@ class TemplateQAWriter:
                 spec = {"op": "ab", "a": sa, "b": sb}
                 ans = evaluate(scene, spec)
                 q = self._pick(rng, [f"Is {na} above or below {nb}?",
-                                     f"Is {na} higher or lower than {nb}? Answer above or below."]
-                               if self.spatial_order == "subject_first" else
+                                     f"Is {na} higher or lower than {nb}? Answer above or below."] if first else
                                [f"Relative to {nb}, is {na} above or below?",
                                 f"Compared with {nb}, is {na} higher or lower? Answer above or below."])
                 long_a = f"{na.capitalize()} is {ans} {nb}."

@@ -80,7 +80,8 @@ def validate(tc):
              "needs the synthesized captions: set data.source = 'synth' (or llm_warmup.steps = 0)")
         need(not tc.init_from, "llm_warmup.steps", "is for decoders trained from scratch; init_from is set")
         need(jax.process_count() == 1, "llm_warmup.steps", "runs on one process (a CPU demo stage)")
-        need(int(tc.llm_warmup.seq_len) >= 8, "llm_warmup.seq_len", f"must be >= 8, got {tc.llm_warmup.seq_len}")
+        n = int(tc.llm_warmup.seq_len)
+        need(n >= 8, "llm_warmup.seq_len", f"must be >= 8, got {n}")
     for k in ("remat_policy", "vision_remat_policy"):
         need(tc.model[k] in ("none", "full", "dots", "dots_no_batch", "nothing"), f"model.{k}",
              f"expected none | full | dots | dots_no_batch | nothing, got {tc.model[k]!r}")

@@ -66,7 +66,8 @@ def base_config() -> mlc.ConfigDict:
     # region_weight: that loss's weight (1: as heavy as one object's shape + colour tags)
     c.vision_warmup = mlc.ConfigDict(dict(steps=0, lr=2e-3, batch_size=16, text_images=0, region_bands=0,
                                           region_weight=1.0))
-    # decoder warm start on the synthesized captions (fusion_jax/train/llm_warmup.py); 0: off
+    # decoder warm start: a language model on the synthesized captions, text only, before the main run
+    # (fusion_jax/train/llm_warmup.py); steps 0: off. seq_len: captions are cut to that many tokens
     c.llm_warmup = mlc.ConfigDict(dict(steps=0, lr=2e-3, batch_size=16, seq_len=128))
     c.optim = mlc.ConfigDict(dict(
         lr=2e-5, vision_lr=mlc.FieldReference(None, field_type=float), warmup_ratio=0.03,
@@ -86,7 +87,8 @@ def base_config() -> mlc.ConfigDict:
         synth_num=0, synth_seed=0, synth_image_size=384, synth_workers=1, synth_heldout_fraction=0.1,
         synth_difficulty="full", synth_kinds=(), synth_max_turns=0, synth_describe_fraction=0.0,
         synth_spatial_refs="shape", synth_locate_fraction=0.0,
-        synth_describe_positions=False, synth_spatial_order="subject_first", tokenizer_vocab_size=512, synth_progress=False))
+        synth_describe_positions=False, synth_spatial_order="subject_first", tokenizer_vocab_size=512,
+        synth_progress=False))
     return c
 
 
