@@ -240,8 +240,8 @@ def test_llm_warmup_trains_the_decoder_on_captions_only(tmp_path):
     data = str(tmp_path / "data")
     generate_dataset(data, 40, seed=2, image_size=32, difficulty="easy", heldout_fraction=0.1)
     tok = load_tokenizer(train_tokenizer(data, str(tmp_path / "tok"), vocab_size=400))
-    ids, mask = caption_batches(["a red circle is on the left.", "x " * 50], tok, 16)
-    assert ids.shape == mask.shape == (2, 16) and mask[1].all() and 0 < mask[0].sum() < 16
+    ids, mask, cut = caption_batches(["a red circle is on the left.", "x " * 50], tok, 16)
+    assert ids.shape == mask.shape == (2, 16) and mask[1].all() and 0 < mask[0].sum() < 16 and cut == 1
     assert list(ids[0, :mask[0].sum()]) == list(tok("a red circle is on the left."))
     import dataclasses
     cfg = _cfg()
@@ -250,7 +250,7 @@ def test_llm_warmup_trains_the_decoder_on_captions_only(tmp_path):
     kw = dict(steps=30, lr=3e-3, batch_size=4, seq_len=48, seed=0, log=lambda m: None)
     a, st = warm_start_llm(cfg, p0, data, tok, **kw)
     b, _ = warm_start_llm(cfg, p0, data, tok, **kw)
-    assert st["loss_last"] < 0.8 * st["loss_first"] and st["captions"] == 36, st
+    assert st["loss_last"] < 0.8 * st["loss_first"] and st["captions"] == 36 and st["skipped"] == 0, st
     assert jax.tree.structure(a) == jax.tree.structure(p0)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)

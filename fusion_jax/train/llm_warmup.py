@@ -21,36 +21,48 @@ from fusion_jax.config import FusionConfig
 from fusion_jax.train.tower_warmup import read_scenes
 
 
-def caption_batches(texts: list, tokenizer, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """[N, seq_len] token ids (as the data pipeline encodes text, padded with 0) and their 0/1 mask;
-    longer captions are cut."""
+# the decoder's parameters; the tower, projectors and interaction layers never see text here
+DECODER = ("embed_tokens", "layers", "norm")
+
+
+def caption_batches(texts: list, tokenizer, seq_len: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """[N, seq_len] token ids (as the data pipeline encodes text, padded with 0), their 0/1 mask,
+    and how many captions were longer than ``seq_len`` (cut)."""
     ids = np.zeros((len(texts), seq_len), np.int32)
     mask = np.zeros((len(texts), seq_len), np.int32)
+    cut = 0
     for i, t in enumerate(texts):
-        row = list(tokenizer(t))[:seq_len]
+        row = list(tokenizer(t))
+        cut += len(row) > seq_len
+        row = row[:seq_len]
         ids[i, :len(row)], mask[i, :len(row)] = row, 1
-    return ids, mask
+    return ids, mask, cut
 
 
 def warm_start_llm(cfg: FusionConfig, params: dict, data_dir: str, tokenizer, *, steps: int, lr: float,
                    batch_size: int, seq_len: int, seed: int, log=print) -> tuple[dict, dict]:
     """Train the decoder of ``params`` (a model's pure param dict) on the captions: (new params, stats)."""
-    from fusion_jax.train.step import build_model
+    from fusion_jax.train.step import abstract_model
     t0 = time.time()
     rows = read_scenes(data_dir)
     texts = [r["caption"] for r in rows if isinstance(r.get("caption"), str) and r["caption"].strip()]
     if not texts:
         raise ValueError(f"config.llm_warmup: no captions in {data_dir}/meta/train_scenes.jsonl")
-    ids, mask = caption_batches(texts, tokenizer, seq_len)
-    cut = int(sum(len(tokenizer(t)) > seq_len for t in texts))
-    graphdef, _ = nnx.split(build_model(cfg, seed))
-    p = jax.tree.map(jnp.asarray, params)
+    ids, mask, cut = caption_batches(texts, tokenizer, seq_len)
+    graphdef, _ = nnx.split(abstract_model(cfg))
+    # only the decoder is trained and carried through Adam; the rest rides along unchanged
+    p = {k: ({n: v for n, v in params["model"].items() if n in DECODER} if k == "model" else v)
+         for k, v in params.items() if k in ("model", "lm_head")}
+    p = jax.tree.map(jnp.asarray, p)
+    rest = {k: v for k, v in params.items() if k != "lm_head"}
+    rest = jax.tree.map(jnp.asarray, {**rest, "model": {n: v for n, v in params["model"].items()
+                                                        if n not in DECODER}})
     sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, int(0.03 * steps)), steps)
     tx = optax.adamw(sched, weight_decay=0.0)
     opt_state = tx.init(p)
 
     def loss_fn(p, x, m):
-        model = nnx.merge(graphdef, p)
+        model = nnx.merge(graphdef, {**rest, **p, "model": {**rest["model"], **p["model"]}})
         h = model.model.embed_tokens(x) * m[..., None].astype(jnp.float32)
         pos = jnp.maximum(jnp.cumsum(m, axis=1) - 1, 0)
         h, _, _ = model.decode(h, {"position_ids": pos, "attention_mask": m}, None)
@@ -62,7 +74,6 @@ def warm_start_llm(cfg: FusionConfig, params: dict, data_dir: str, tokenizer, *,
     @jax.jit
     def step(p, opt_state, x, m):
         loss, grads = jax.value_and_grad(loss_fn)(p, x, m)
-        # modules the text never reaches get zero gradients: Adam leaves them as they are
         updates, opt_state = tx.update(grads, opt_state, p)
         return optax.apply_updates(p, updates), opt_state, loss
 
@@ -74,8 +85,11 @@ def warm_start_llm(cfg: FusionConfig, params: dict, data_dir: str, tokenizer, *,
         hist.append(loss)
     hist = np.asarray(jax.device_get(hist), np.float64)
     k = max(1, min(50, steps // 4))
-    stats = {"steps": steps, "captions": len(texts), "cut": cut, "loss_first": float(hist[:k].mean()),
+    skipped = len(rows) - len(texts)
+    stats = {"steps": steps, "captions": len(texts), "cut": cut, "skipped": skipped, "loss_first": float(hist[:k].mean()),
              "loss_last": float(hist[-k:].mean()), "seconds": time.time() - t0}
-    log(f"decoder warm-up: {steps} steps on {len(texts)} captions ({cut} cut at {seq_len} tokens); loss "
+    log(f"decoder warm-up: {steps} steps on {len(texts)} captions ({cut} cut at {seq_len} tokens, "
+        f"{skipped} scenes without a caption skipped); loss "
         f"{stats['loss_first']:.3f} -> {stats['loss_last']:.3f} (last {k} batches); {stats['seconds']:.1f}s")
-    return jax.tree.map(np.asarray, p), stats
+    out = jax.tree.map(np.asarray, p)
+    return {**params, **out, "model": {**params["model"], **out["model"]}}, stats
