@@ -140,6 +140,8 @@ def test_config_errors_name_the_key():
         loop.validate(_tc(**{"model.tiny.embed_init_std": 0.0}))
     with pytest.raises(ValueError, match=r"config\.model\.tiny\.embed_init_std"):
         loop.validate(_tc(**{"model.tiny.embed_init_std": None}))
+    with pytest.raises(ValueError, match=r"config\.model\.image_token_grid"):
+        loop.validate(_tc(**{"model.image_token_grid": -1}))
     with pytest.raises(ValueError, match=r"config\.global_batch_size"):
         loop.Setup(_tc(global_batch_size=6, grad_accum=4), None, mesh=make_mesh((1, 1, 1), jax.devices()[:1]),
                    model_cfg=_cfg())
@@ -186,6 +188,14 @@ def test_exact_resume_and_load_params(tmp_path):
     import fusion_jax
     m2 = fusion_jax.from_pretrained(os.path.join(full, "checkpoints", "6"))
     np.testing.assert_array_equal(np.asarray(m2.lm_head.kernel[...]), np.asarray(model.lm_head.kernel[...]))
+
+
+def test_image_token_grid_reaches_the_model():
+    tc = presets.tiny_train_config()
+    assert loop.resolve_model_config(tc, 384).num_image_tokens == 64      # 0: the tower's 8 x 8
+    tc.model.image_token_grid = 4
+    cfg = loop.resolve_model_config(tc, 384)
+    assert (cfg.image_token_grid, cfg.num_image_tokens) == (4, 16)
 
 
 def test_embed_init_std_reaches_the_model():

@@ -87,6 +87,9 @@ def validate(tc):
              f"expected none | full | dots | dots_no_batch | nothing, got {tc.model[k]!r}")
     for k in ("compute_dtype", "param_dtype"):
         need(tc.model[k] in ("float32", "bfloat16"), f"model.{k}", f"expected float32 | bfloat16, got {tc.model[k]!r}")
+    g = tc.model.get("image_token_grid", 0)
+    need(isinstance(g, int) and not isinstance(g, bool) and g >= 0, "model.image_token_grid",
+         f"must be an integer >= 0 (0: the tower's own grid), got {g!r}")
     if "tiny" in tc.model:
         std = tc.model.tiny.get("embed_init_std", 0.02)
         ok = isinstance(std, (int, float)) and not isinstance(std, bool) and math.isfinite(std) and std > 0
@@ -132,6 +135,8 @@ def resolve_model_config(tc, vocab_size: int | None) -> FusionConfig:
         cfg = presets.model_preset(tc.model.preset, tc.model.vision_tower)
     if not tc.model.use_card:
         over["use_card"] = False
+    if int(tc.model.get("image_token_grid", 0)) > 0:
+        over["image_token_grid"] = int(tc.model.image_token_grid)
     return cfg.replace(**over)
 
 

@@ -78,7 +78,8 @@ def base_config() -> mlc.ConfigDict:
         remat_policy="full",                      # decoder layers
         vision_remat_policy="full",               # vision tower layers
         use_tune=True, use_card=True, use_dsm=True, query_len="4,16,36,64,144",
-        early_mask_mode="reference"))
+        early_mask_mode="reference",
+        image_token_grid=0))                      # > 0: resize the image tokens to that grid (FUSION-L: 12)
     c.data = mlc.ConfigDict(dict(
         source="path",            # "path" (JSON/YAML mixture or prepared dir) | "synth"
         path="", image_folder="", tokenizer="", template="phi_3",
