@@ -25,6 +25,22 @@ from fusion_jax.train.tower_warmup import read_scenes
 DECODER = ("embed_tokens", "layers", "norm")
 
 
+def split_decoder(params: dict) -> tuple[dict, dict]:
+    """(decoder + lm_head params, everything else) of a model's pure param dict."""
+    m = params["model"]
+    dec = {"model": {n: v for n, v in m.items() if n in DECODER}}
+    if "lm_head" in params:
+        dec["lm_head"] = params["lm_head"]
+    rest = {k: v for k, v in params.items() if k not in ("model", "lm_head")}
+    rest["model"] = {n: v for n, v in m.items() if n not in DECODER}
+    return dec, rest
+
+
+def join_decoder(dec: dict, rest: dict) -> dict:
+    """The inverse of split_decoder (``rest`` may be the full dict: ``dec`` wins)."""
+    return {**rest, **dec, "model": {**rest["model"], **dec["model"]}}
+
+
 def caption_batches(texts: list, tokenizer, seq_len: int) -> tuple[np.ndarray, np.ndarray, int]:
     """[N, seq_len] token ids (as the data pipeline encodes text, padded with 0), their 0/1 mask,
     and how many captions were longer than ``seq_len`` (cut)."""
@@ -50,19 +66,13 @@ def warm_start_llm(cfg: FusionConfig, params: dict, data_dir: str, tokenizer, *,
         raise ValueError(f"config.llm_warmup: no captions in {data_dir}/meta/train_scenes.jsonl")
     ids, mask, cut = caption_batches(texts, tokenizer, seq_len)
     graphdef, _ = nnx.split(abstract_model(cfg))
-    # only the decoder is trained and carried through Adam; the rest rides along unchanged
-    p = {k: ({n: v for n, v in params["model"].items() if n in DECODER} if k == "model" else v)
-         for k, v in params.items() if k in ("model", "lm_head")}
-    p = jax.tree.map(jnp.asarray, p)
-    rest = {k: v for k, v in params.items() if k != "lm_head"}
-    rest = jax.tree.map(jnp.asarray, {**rest, "model": {n: v for n, v in params["model"].items()
-                                                        if n not in DECODER}})
+    dec, rest = split_decoder(jax.tree.map(jnp.asarray, params))
     sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, int(0.03 * steps)), steps)
     tx = optax.adamw(sched, weight_decay=0.0)
-    opt_state = tx.init(p)
+    opt_state = tx.init(dec)
 
-    def loss_fn(p, x, m):
-        model = nnx.merge(graphdef, {**rest, **p, "model": {**rest["model"], **p["model"]}})
+    def loss_fn(dec, rest, x, m):
+        model = nnx.merge(graphdef, join_decoder(dec, rest))
         h = model.model.embed_tokens(x) * m[..., None].astype(jnp.float32)
         pos = jnp.maximum(jnp.cumsum(m, axis=1) - 1, 0)
         h, _, _ = model.decode(h, {"position_ids": pos, "attention_mask": m}, None)
@@ -71,25 +81,24 @@ def warm_start_llm(cfg: FusionConfig, params: dict, data_dir: str, tokenizer, *,
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, x[:, 1:])
         return (ce * w).sum() / jnp.maximum(w.sum(), 1.0)
 
-    @jax.jit
-    def step(p, opt_state, x, m):
-        loss, grads = jax.value_and_grad(loss_fn)(p, x, m)
-        updates, opt_state = tx.update(grads, opt_state, p)
-        return optax.apply_updates(p, updates), opt_state, loss
+    @jax.jit  # rest is an argument, not a closure: closed-over arrays would be baked in as constants
+    def step(dec, rest, opt_state, x, m):
+        loss, grads = jax.value_and_grad(loss_fn)(dec, rest, x, m)
+        updates, opt_state = tx.update(grads, opt_state, dec)
+        return optax.apply_updates(dec, updates), opt_state, loss
 
     rng = np.random.default_rng([seed, 0x11A])
     hist = []
     for _ in range(steps):
         idx = rng.integers(0, len(texts), batch_size)
-        p, opt_state, loss = step(p, opt_state, jnp.asarray(ids[idx]), jnp.asarray(mask[idx]))
+        dec, opt_state, loss = step(dec, rest, opt_state, jnp.asarray(ids[idx]), jnp.asarray(mask[idx]))
         hist.append(loss)
     hist = np.asarray(jax.device_get(hist), np.float64)
     k = max(1, min(50, steps // 4))
     skipped = len(rows) - len(texts)
-    stats = {"steps": steps, "captions": len(texts), "cut": cut, "skipped": skipped, "loss_first": float(hist[:k].mean()),
-             "loss_last": float(hist[-k:].mean()), "seconds": time.time() - t0}
+    stats = {"steps": steps, "captions": len(texts), "cut": cut, "skipped": skipped,
+             "loss_first": float(hist[:k].mean()), "loss_last": float(hist[-k:].mean()), "seconds": time.time() - t0}
     log(f"decoder warm-up: {steps} steps on {len(texts)} captions ({cut} cut at {seq_len} tokens, "
         f"{skipped} scenes without a caption skipped); loss "
         f"{stats['loss_first']:.3f} -> {stats['loss_last']:.3f} (last {k} batches); {stats['seconds']:.1f}s")
-    out = jax.tree.map(np.asarray, p)
-    return {**params, **out, "model": {**params["model"], **out["model"]}}, stats
+    return join_decoder(jax.tree.map(np.asarray, dec), params), stats
