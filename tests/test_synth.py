@@ -310,6 +310,26 @@ def test_spatial_refs_by_colour():
         TemplateQAWriter(spatial_refs="size")
 
 
+def test_spatial_refs_mixed():
+    """`mixed` names the object asked about by its (unique) colour and the other by shape, so the
+    two referents differ in kind; answers stay derivable, and a non-unique colour falls back to shape."""
+    scene = Scene(_bg(), [_obj(0, "circle", "red", 0.2, 0.5), _obj(1, "square", "blue", 0.8, 0.5),
+                          _obj(2, "triangle", "blue", 0.5, 0.1)], [])
+    qas = TemplateQAWriter(spatial_refs="mixed", mc_fraction=0, long_fraction=0).write(
+        scene, "", "spatial", np.random.default_rng(0), EASY)
+    assert len(qas) == 6 and all(evaluate(scene, q.spec) == q.answer_text for q in qas)
+    assert all("color" not in q.spec["b"] or "shape" in q.spec["b"] for q in qas)  # never by colour alone
+    subj = [q.spec["a"] for q in qas]
+    assert {"color": "red"} in subj and all(s != {"color": "blue"} for s in subj)
+    assert any(q.question.startswith("Is the red object") and "circle" not in q.question for q in qas)
+    pipe = SynthPipeline(SynthConfig(kinds=("spatial",), image_size=64, difficulty="easy", spatial_refs="mixed"))
+    for i in range(8):
+        for q in pipe.make_sample(3, "train", i).qas:
+            assert set(q.spec["a"]) == {"color"} and "shape" in q.spec["b"], q.question
+    with pytest.raises(ValueError, match="mixed"):
+        SynthConfig(spatial_refs="both").resolved()
+
+
 
 def test_spatial_order_subject_last():
     """`subject_last` names the reference object first and the object asked about last; the specs,

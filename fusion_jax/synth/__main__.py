@@ -7,6 +7,7 @@ import sys
 
 from .engine import generate_dataset
 from .pipeline import SynthConfig, SynthPipeline
+from .qa import SPATIAL_REFS
 from .scene import KINDS
 
 
@@ -31,8 +32,9 @@ def main(argv=None) -> int:
                     help="the describe turn also gives each object's location ('a red circle on the left')")
     ap.add_argument("--locate-fraction", type=float, default=0.0,
                     help="probability that a training conversation also asks which half of the image an object is in")
-    ap.add_argument("--spatial-refs", choices=("shape", "color"), default="shape",
-                    help="spatial questions name objects by shape ('the circle') or colour ('the red object')")
+    ap.add_argument("--spatial-refs", choices=SPATIAL_REFS, default="shape",
+                    help="spatial questions name objects by shape ('the circle'), colour ('the red object') "
+                         "or mixed (the object asked about by colour, the other by shape)")
     ap.add_argument("--spatial-order", choices=("subject_first", "subject_last"), default="subject_first",
                     help="relation questions name the object asked about first ('Is the circle left of the "
                          "square?') or last ('Relative to the square, is the circle on the left?')")

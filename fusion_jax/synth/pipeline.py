@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .filters import FilterChain, FilterContext, ModelScoreFilter
-from .qa import SHORT_SUFFIX, SPATIAL_ORDERS, QAPair, TemplateQAWriter, qa_to_dict
+from .qa import SHORT_SUFFIX, SPATIAL_ORDERS, SPATIAL_REFS, QAPair, TemplateQAWriter, qa_to_dict
 from .render import ProceduralRenderer, png_bytes
 from .scene import (KINDS, CaptionWriter, ImageGenerator, ProceduralSceneSampler, QAWriter,
                     TemplateCaptionWriter, get_palette)
@@ -38,7 +38,8 @@ class SynthConfig:
     # probability that a training conversation with objects also asks which half of the image
     # one object lies in (needs a QA writer with ``locate``), before any describe turn
     locate_fraction: float = 0.0
-    # how spatial questions name objects: "shape" ('the circle') or "color" ('the red object')
+    # how spatial questions name objects: "shape" ('the circle'), "color" ('the red object') or
+    # "mixed" (the object asked about by colour, the other by shape)
     spatial_refs: str = "shape"
     # where relation questions name the object asked about: "subject_first" | "subject_last"
     spatial_order: str = "subject_first"
@@ -58,8 +59,8 @@ class SynthConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.describe_positions and not self.describe_fraction:
             raise ValueError("describe_positions changes the describe turn; it needs describe_fraction > 0")
-        if self.spatial_refs not in ("shape", "color"):
-            raise ValueError(f"spatial_refs must be 'shape' or 'color', got {self.spatial_refs!r}")
+        if self.spatial_refs not in SPATIAL_REFS:
+            raise ValueError(f"spatial_refs must be one of {SPATIAL_REFS}, got {self.spatial_refs!r}")
         if self.spatial_order not in SPATIAL_ORDERS:
             raise ValueError(f"spatial_order must be one of {SPATIAL_ORDERS}, got {self.spatial_order!r}")
         return dataclasses.replace(

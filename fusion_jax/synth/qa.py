@@ -125,6 +125,8 @@ def referenced_objects(scene: Scene, spec: dict) -> list:
 # where relation questions name the object asked about; subject_last puts it next to the answer,
 # so a small decoder reads the nearest noun instead of carrying the first one across the question
 SPATIAL_ORDERS = ("subject_first", "subject_last")
+# how spatial questions name objects (TemplateQAWriter.spatial_refs)
+SPATIAL_REFS = ("shape", "color", "mixed")
 SIDE_PHRASE = {"left": "on the left", "right": "on the right", "above": "above", "below": "below"}
 
 
@@ -148,8 +150,8 @@ class TemplateQAWriter:
                  short_suffix: str = SHORT_SUFFIX, varied: bool = True, num_choices: int = 4,
                  spatial_refs: str = "shape", describe_positions: bool = False,
                  spatial_order: str = "subject_first"):
-        if spatial_refs not in ("shape", "color"):
-            raise ValueError(f"spatial_refs must be 'shape' or 'color', got {spatial_refs!r}")
+        if spatial_refs not in SPATIAL_REFS:
+            raise ValueError(f"spatial_refs must be one of {SPATIAL_REFS}, got {spatial_refs!r}")
         if spatial_order not in SPATIAL_ORDERS:
             raise ValueError(f"spatial_order must be one of {SPATIAL_ORDERS}, got {spatial_order!r}")
         self.spatial_refs = spatial_refs
@@ -236,19 +238,21 @@ class TemplateQAWriter:
                                     vocab, self._style(rng)))
         return out
 
-    def _ref(self, scene, o):
-        if self.spatial_refs == "color" and len(select(scene, {"color": o.color})) == 1:
+    def _ref(self, scene, o, subject=True):
+        """How a spatial question names ``o``: the subject (the object asked about) or the other."""
+        by_color = self.spatial_refs == "color" or (self.spatial_refs == "mixed" and subject)
+        if by_color and len(select(scene, {"color": o.color})) == 1:
             return {"color": o.color}
         return unique_selector(scene, o)
 
     def _spatial(self, scene, rng, p):
-        refs = [(o, self._ref(scene, o)) for o in scene.objects]
-        refs = [(o, s) for o, s in refs if s is not None]
+        refs = [(o, self._ref(scene, o), self._ref(scene, o, subject=False)) for o in scene.objects]
+        refs = [r for r in refs if r[1] is not None and r[2] is not None]
         pairs = [(i, j) for i in range(len(refs)) for j in range(len(refs)) if i != j]
         first = self.spatial_order == "subject_first"
         out = []
         for k in rng.permutation(len(pairs)).tolist():
-            (a, sa), (b, sb) = refs[pairs[k][0]], refs[pairs[k][1]]
+            (a, sa, _), (b, _, sb) = refs[pairs[k][0]], refs[pairs[k][1]]
             na, nb = noun_phrase(sa), noun_phrase(sb)
             axis = "x" if abs(a.x - b.x) >= abs(a.y - b.y) else "y"
             form = rng.random()
