@@ -7,7 +7,7 @@ import sys
 
 from .engine import generate_dataset
 from .pipeline import SynthConfig, SynthPipeline
-from .qa import SPATIAL_REFS
+from .qa import SPATIAL_ORDERS, SPATIAL_REFS
 from .scene import KINDS
 
 
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     ap.add_argument("--spatial-refs", choices=SPATIAL_REFS, default="shape",
                     help="spatial questions name objects by shape ('the circle'), colour ('the red object') "
                          "or mixed (the object asked about by colour, the other by shape)")
-    ap.add_argument("--spatial-order", choices=("subject_first", "subject_last"), default="subject_first",
+    ap.add_argument("--spatial-order", choices=SPATIAL_ORDERS, default="subject_first",
                     help="relation questions name the object asked about first ('Is the circle left of the "
                          "square?') or last ('Relative to the square, is the circle on the left?')")
     ap.add_argument("--fonts", choices=("builtin", "system"), default="builtin")

@@ -246,8 +246,10 @@ class TemplateQAWriter:
         return unique_selector(scene, o)
 
     def _spatial(self, scene, rng, p):
-        refs = [(o, self._ref(scene, o), self._ref(scene, o, subject=False)) for o in scene.objects]
-        refs = [r for r in refs if r[1] is not None and r[2] is not None]
+        mixed = self.spatial_refs == "mixed"  # only then does the other object get another name
+        refs = [(o, s, self._ref(scene, o, subject=False) if mixed else s)
+                for o in scene.objects if (s := self._ref(scene, o)) is not None]
+        refs = [r for r in refs if r[2] is not None]
         pairs = [(i, j) for i in range(len(refs)) for j in range(len(refs)) if i != j]
         first = self.spatial_order == "subject_first"
         out = []
