@@ -349,6 +349,28 @@ def test_vision_warmup_learns_object_tags_and_touches_only_the_tower(tmp_path):
         bad_tc.vision_warmup.side_tags = "yes"
     with pytest.raises(ValueError, match=r"config\.vision_warmup\.side_tags"):
         loop.validate(bad_tc)
+    # dense tags (vision_warmup.dense_tags): every patch inside a disc, the topmost object where they overlap
+    over = {"objects": [{"shape": "circle", "color": "red", "x": 0.3, "y": 0.3, "r": 0.2},
+                        {"shape": "square", "color": "blue", "x": 0.45, "y": 0.3, "r": 0.1},
+                        {"shape": "triangle", "color": "red", "x": 0.8, "y": 0.8, "r": 0.01}], "texts": []}
+    dn = tag_targets([{"scene": over}], 8, side_tags=True, dense=True)
+    owner = {}
+    for p, s_, sx in zip(dn["patch"][0], dn["shape"][0], dn["side_x"][0]):
+        if s_ >= 0:
+            assert p not in owner and sx == (0 if dn["shapes"][s_] != "triangle" else 1)
+            owner[int(p)] = dn["shapes"][s_]
+    for p in range(64):
+        cy, cx = (p // 8 + 0.5) / 8, (p % 8 + 0.5) / 8
+        want = "square" if np.hypot(cx - 0.45, cy - 0.3) <= 0.1 else "circle" if np.hypot(cx - 0.3, cy - 0.3) <= 0.2 else None
+        assert owner.get(p) == (want or ("triangle" if p == 6 * 8 + 6 else None)), p  # a tiny object keeps its centre patch
+    assert tag_targets([{"scene": over}], 8, side_tags=True)["patch"][0, :3].tolist() == [2 * 8 + 2, 2 * 8 + 3, 6 * 8 + 6]
+    with bad_tc.unlocked():
+        del bad_tc.vision_warmup["side_tags"]
+        bad_tc.vision_warmup.side_tags = True
+        del bad_tc.vision_warmup["dense_tags"]
+        bad_tc.vision_warmup.dense_tags = 1
+    with pytest.raises(ValueError, match=r"config\.vision_warmup\.dense_tags"):
+        loop.validate(bad_tc)
 
     with pytest.raises(ValueError, match=r"train_scenes\.jsonl"):
         read_scenes(str(tmp_path))

@@ -77,6 +77,8 @@ def validate(tc):
         need(rw > 0, "vision_warmup.region_weight", f"must be > 0, got {rw}")
         st = tc.vision_warmup.get("side_tags", False)
         need(isinstance(st, bool), "vision_warmup.side_tags", f"must be True or False, got {st!r}")
+        dt = tc.vision_warmup.get("dense_tags", False)
+        need(isinstance(dt, bool), "vision_warmup.dense_tags", f"must be True or False, got {dt!r}")
     if int(tc.get("llm_warmup", {}).get("steps", 0)) > 0:
         need(tc.data.source == "synth", "llm_warmup.steps",
              "needs the synthesized captions: set data.source = 'synth' (or llm_warmup.steps = 0)")
@@ -335,7 +337,8 @@ def train(tc, workdir: str) -> dict:
                                      difficulty=str(tc.data.synth_difficulty),
                                      region_bands=int(vw.get("region_bands", 0)),
                                      region_weight=float(vw.get("region_weight", 1.0)),
-                                     side_tags=bool(vw.get("side_tags", False)), log=log)
+                                     side_tags=bool(vw.get("side_tags", False)),
+                                     dense_tags=bool(vw.get("dense_tags", False)), log=log)
             params["model"]["vision_tower"] = jax.tree.map(
                 lambda a, b: jax.device_put(np.asarray(b, a.dtype), a.sharding), params["model"]["vision_tower"], tower)
         if int(tc.get("llm_warmup", {}).get("steps", 0)) > 0:

@@ -66,8 +66,9 @@ def base_config() -> mlc.ConfigDict:
     # region_weight: that loss's weight (1: as heavy as one object's shape + colour tags)
     # side_tags: each object's centre patch also names its half of the image (left / right, top /
     # bottom), background patches "no object": side bound to the object, as its colour is
+    # dense_tags: every patch inside an object's disc carries its tags, not just the centre patch
     c.vision_warmup = mlc.ConfigDict(dict(steps=0, lr=2e-3, batch_size=16, text_images=0, region_bands=0,
-                                          region_weight=1.0, side_tags=False))
+                                          region_weight=1.0, side_tags=False, dense_tags=False))
     # decoder warm start: a language model on the synthesized captions, text only, before the main run
     # (fusion_jax/train/llm_warmup.py); steps 0: off. seq_len: captions are cut to that many tokens
     c.llm_warmup = mlc.ConfigDict(dict(steps=0, lr=2e-3, batch_size=16, seq_len=128))

@@ -32,7 +32,7 @@ SIDE_MARGIN = 0.04       # an object centre this close to a centre line gets no 
 BACKGROUND_SLOTS = 4     # side_tags: background patches per image labelled "no object here"
 
 
-def tag_targets(rows: list, grid: int, side_tags: bool = False) -> dict:
+def tag_targets(rows: list, grid: int, side_tags: bool = False, dense: bool = False) -> dict:
     """Per image, one slot per object and one per text item, padded with -1.
 
     Each slot holds the patch under its centre; objects get a shape id and a colour id, text
@@ -40,35 +40,52 @@ def tag_targets(rows: list, grid: int, side_tags: bool = False) -> dict:
     ``side_tags`` adds ``side_x`` / ``side_y`` (0 left / top, 1 right / bottom, 2 not an object)
     and ``BACKGROUND_SLOTS`` more slots per image on patches clear of every object and text item,
     labelled 2: the side is bound to the object's patches, not spread over the image like a
-    position code (docs/ablations.md, session 14)."""
+    position code (docs/ablations.md, session 14). ``dense``: every patch whose centre lies inside an
+    object's disc gets that object's labels (the topmost object where discs overlap), not just the
+    patch under its centre: identity on all of an object's tokens, which is what the LLM needs to
+    find the object a question names (session 15)."""
     objs = [list(r["scene"]["objects"]) for r in rows]
     texts = [list(r["scene"].get("texts", [])) for r in rows]
     shapes = sorted({o["shape"] for ob in objs for o in ob})
     colors = sorted({o["color"] for ob in objs for o in ob})
     words = sorted({t["text"] for ts in texts for t in ts})
-    k0 = max([len(a) + len(b) for a, b in zip(objs, texts)] + [1])
-    k = k0 + (BACKGROUND_SLOTS if side_tags else 0)
-    names = ("shape", "color", "word") + (("side_x", "side_y") if side_tags else ())
-    out = {n: np.full((len(rows), k), -1, np.int32) for n in names}
-    out["patch"] = np.zeros((len(rows), k), np.int32)
+    c = (np.arange(grid) + 0.5) / grid
+    cy, cx = (a.ravel() for a in np.meshgrid(c, c, indexing="ij"))
+    half = 0.5 / grid
 
     def at(x, y):
         gy, gx = (min(max(int(v * grid), 0), grid - 1) for v in (y, x))
         return gy * grid + gx
 
+    def covered(ob):
+        """(patch, object index) slots: each centre patch, and with ``dense`` every patch inside a disc"""
+        if not dense:
+            return [(at(o["x"], o["y"]), j) for j, o in enumerate(ob)]
+        owner = np.full(grid * grid, -1)
+        for j, o in enumerate(ob):  # later objects are drawn on top
+            owner[np.hypot(cx - o["x"], cy - o["y"]) <= o.get("r", 0.0)] = j
+        for j, o in enumerate(ob):  # a small object still owns the patch under its centre
+            owner[at(o["x"], o["y"])] = j
+        return [(int(p), int(owner[p])) for p in np.nonzero(owner >= 0)[0]]
+
+    slots = [covered(ob) for ob in objs]
+    k0 = max([len(a) + len(b) for a, b in zip(slots, texts)] + [1])
+    k = k0 + (BACKGROUND_SLOTS if side_tags else 0)
+    names = ("shape", "color", "word") + (("side_x", "side_y") if side_tags else ())
+    out = {n: np.full((len(rows), k), -1, np.int32) for n in names}
+    out["patch"] = np.zeros((len(rows), k), np.int32)
+
     def side(v):
         return -1 if abs(v - 0.5) < SIDE_MARGIN else int(v > 0.5)
 
-    c = (np.arange(grid) + 0.5) / grid
-    cy, cx = (a.ravel() for a in np.meshgrid(c, c, indexing="ij"))
-    half = 0.5 / grid
     for i, (ob, ts) in enumerate(zip(objs, texts)):
-        for j, o in enumerate(ob):
-            out["patch"][i, j] = at(o["x"], o["y"])
+        for j, (p, oi) in enumerate(slots[i]):
+            o = ob[oi]
+            out["patch"][i, j] = p
             out["shape"][i, j], out["color"][i, j] = shapes.index(o["shape"]), colors.index(o["color"])
             if side_tags:
                 out["side_x"][i, j], out["side_y"][i, j] = side(o["x"]), side(o["y"])
-        for j, t in enumerate(ts, len(ob)):
+        for j, t in enumerate(ts, len(slots[i])):
             out["patch"][i, j] = at((t["x0"] + t["x1"]) / 2, (t["y0"] + t["y1"]) / 2)
             out["word"][i, j] = words.index(t["text"])
             if side_tags:
@@ -169,7 +186,7 @@ def _masked_mean(x, w):
 def warm_start_tower(cfg: FusionConfig, data_dir: str, tower_params: dict, *, steps: int, lr: float,
                      batch_size: int, seed: int, text_images: int = 0, image_size: int = 384,
                      difficulty: str = "full", region_bands: int = 0, region_weight: float = 1.0,
-                     side_tags: bool = False, log=print) -> tuple[dict, dict]:
+                     side_tags: bool = False, dense_tags: bool = False, log=print) -> tuple[dict, dict]:
     """Train the tower (starting from ``tower_params``) on object and text tagging: (new params, stats).
 
     Each step sees ``batch_size`` training images and, with ``text_images`` > 0, as many images of a
@@ -177,7 +194,8 @@ def warm_start_tower(cfg: FusionConfig, data_dir: str, tower_params: dict, *, st
     ``region_bands`` > 0 the patch mean also predicts ``region_targets`` (sigmoid
     cross-entropy, scaled by ``region_weight``; ``region_acc_last`` is its balanced accuracy).
     ``side_tags``: each object's centre patch also names its half of the image on each axis, and
-    background patches "no object" (``tag_targets``; ``side_acc_last`` is that accuracy)."""
+    background patches "no object" (``tag_targets``; ``side_acc_last`` is that accuracy).
+    ``dense_tags``: every patch of an object carries its labels (``tag_targets(dense=True)``)."""
     t0 = time.time()
     rows = read_scenes(data_dir)
     size = cfg.vision.image_size
@@ -190,7 +208,7 @@ def warm_start_tower(cfg: FusionConfig, data_dir: str, tower_params: dict, *, st
         extra_rows, extra_pil = render_text_corpus(text_images, image_size, difficulty, seed)
         rows, views = rows + extra_rows, views + [main_view_uint8(im, size) for im in extra_pil]
     images = normalize_crops(np.stack(views))  # the main view, as the model sees it
-    tg = tag_targets(rows, cfg.vision.grid, side_tags=side_tags)
+    tg = tag_targets(rows, cfg.vision.grid, side_tags=side_tags, dense=dense_tags)
     ns, nc, nw = len(tg["shapes"]), len(tg["colors"]), len(tg["words"])
     nsd = 6 if side_tags else 0  # x: left / right / none, y: top / bottom / none
     regions = region_targets(rows, tg["shapes"], tg["colors"], region_bands) if region_bands > 0 else None
@@ -253,7 +271,7 @@ def warm_start_tower(cfg: FusionConfig, data_dir: str, tower_params: dict, *, st
              "colors": tg["colors"], "words": tg["words"], "loss_first": float(hist[:k, 0].mean()),
              "loss_last": float(hist[-k:, 0].mean()), "shape_acc_last": float(hist[-k:, 1].mean()),
              "word_acc_last": float(hist[-k:, 2].mean()), "region_acc_last": float(hist[-k:, 3].mean()),
-             "region_bands": region_bands, "region_weight": region_weight, "side_tags": bool(side_tags),
+             "region_bands": region_bands, "region_weight": region_weight, "side_tags": bool(side_tags), "dense_tags": bool(dense_tags),
              "side_acc_last": float(hist[-k:, 4].mean()),
              "seconds": time.time() - t0}
     log(f"vision warm-up: {steps} steps tagging {ns} shapes, {nc} colours and {nw} words on {n_data} "
