@@ -33,10 +33,10 @@ BACKGROUND_SLOTS = 4     # side_tags: background patches per image labelled "no 
 
 
 def tag_targets(rows: list, grid: int, side_tags: bool = False, dense: bool = False) -> dict:
-    """Per image, one slot per object and one per text item, padded with -1.
+    """Per image, one slot per object (per covered patch with ``dense``) and one per text item, padded with -1.
 
-    Each slot holds the patch under its centre; objects get a shape id and a colour id, text
-    items a word id. Returns {patch, shape, color, word: [N, S] int32, shapes, colors, words}.
+    Each slot holds a patch (by default the one under the item's centre); objects get a shape id
+    and a colour id, text items a word id. Returns {patch, shape, color, word: [N, S] int32, shapes, colors, words}.
     ``side_tags`` adds ``side_x`` / ``side_y`` (0 left / top, 1 right / bottom, 2 not an object)
     and ``BACKGROUND_SLOTS`` more slots per image on patches clear of every object and text item,
     labelled 2: the side is bound to the object's patches, not spread over the image like a
@@ -271,7 +271,8 @@ def warm_start_tower(cfg: FusionConfig, data_dir: str, tower_params: dict, *, st
              "colors": tg["colors"], "words": tg["words"], "loss_first": float(hist[:k, 0].mean()),
              "loss_last": float(hist[-k:, 0].mean()), "shape_acc_last": float(hist[-k:, 1].mean()),
              "word_acc_last": float(hist[-k:, 2].mean()), "region_acc_last": float(hist[-k:, 3].mean()),
-             "region_bands": region_bands, "region_weight": region_weight, "side_tags": bool(side_tags), "dense_tags": bool(dense_tags),
+             "region_bands": region_bands, "region_weight": region_weight, "side_tags": bool(side_tags),
+             "dense_tags": bool(dense_tags),
              "side_acc_last": float(hist[-k:, 4].mean()),
              "seconds": time.time() - t0}
     log(f"vision warm-up: {steps} steps tagging {ns} shapes, {nc} colours and {nw} words on {n_data} "
