@@ -91,7 +91,7 @@ def test_cache_and_argument_mismatch(tmp_path):
     s3 = generate_dataset(out, 6, seed=1, image_size=32, difficulty="easy", overwrite=True)
     assert s3["cached"] is False and s3["args"]["seed"] == 1
     assert "spatial_refs" not in s3["args"]  # the default leaves older cached sets valid
-    assert "spatial_order" not in s3["args"]
+    assert "spatial_order" not in s3["args"] and "spatial_yesno_fraction" not in s3["args"]
     with pytest.raises(ValueError, match="overwrite"):
         generate_dataset(out, 6, seed=1, image_size=32, difficulty="easy", spatial_refs="color")
 
@@ -354,6 +354,25 @@ def test_spatial_order_subject_last():
         TemplateQAWriter(spatial_order="random")
     with pytest.raises(ValueError, match="spatial_order"):
         SynthConfig(spatial_order="last").resolved()
+
+def test_spatial_yesno_fraction():
+    """The share of yes / no relation questions: 0 leaves only 'left or right' / 'above or below'
+    questions, 1 only yes / no ones; the default (0.3) keeps older cached sets valid."""
+    scene = Scene(_bg(), [_obj(0, "circle", "red", 0.2, 0.3), _obj(1, "square", "blue", 0.8, 0.7)], [])
+    ops = {}
+    for frac in (0.0, 1.0):
+        w = TemplateQAWriter(mc_fraction=0, long_fraction=0, spatial_yesno_fraction=frac)
+        qs = [q for seed in range(20) for q in w.write(scene, "", "spatial", np.random.default_rng(seed), EASY)]
+        assert all(evaluate(scene, q.spec) == q.answer for q in qs)
+        ops[frac] = {q.spec["op"] for q in qs}
+    assert ops[0.0] == {"lr"} and ops[1.0] == {"rel_is"}  # the pair lies further apart in x
+    cfg = SynthConfig(kinds=("spatial",), image_size=64, difficulty="easy", spatial_yesno_fraction=0.0)
+    assert SynthPipeline(cfg).qa_writer.spatial_yesno_fraction == 0.0
+    with pytest.raises(ValueError, match="spatial_yesno_fraction"):
+        SynthConfig(spatial_yesno_fraction=1.5).resolved()
+    with pytest.raises(ValueError, match="spatial_yesno_fraction"):
+        TemplateQAWriter(spatial_yesno_fraction=-0.1)
+
 
 def test_model_score_filter_hook():
     scene = Scene(_bg(), [_obj(0, "circle", "red", 0.5, 0.5)], [])

@@ -38,6 +38,9 @@ def main(argv=None) -> int:
     ap.add_argument("--spatial-order", choices=SPATIAL_ORDERS, default="subject_first",
                     help="relation questions name the object asked about first ('Is the circle left of the "
                          "square?') or last ('Relative to the square, is the circle on the left?')")
+    ap.add_argument("--spatial-yesno-fraction", type=float, default=0.3,
+                    help="share of relation questions asked in the yes / no form ('Is the circle to the left "
+                         "of the square?')")
     ap.add_argument("--fonts", choices=("builtin", "system"), default="builtin")
     ap.add_argument("--scorer", default=None,
                     help="model-based filter 'module:factory' (factory(**scorer_args) -> scorer(image, q, a))")
@@ -56,7 +59,8 @@ def main(argv=None) -> int:
                           max_turns=a.max_turns, mc_fraction=a.mc_fraction, long_fraction=a.long_fraction,
                           describe_fraction=a.describe_fraction, spatial_refs=a.spatial_refs,
                           locate_fraction=a.locate_fraction, describe_positions=a.describe_positions,
-                          spatial_order=a.spatial_order, fonts=a.fonts)
+                          spatial_order=a.spatial_order, spatial_yesno_fraction=a.spatial_yesno_fraction,
+                          fonts=a.fonts)
         pipeline = SynthPipeline(cfg, scorer=load_scorer(a.scorer, **kw), scorer_threshold=a.scorer_threshold)
         cache_key = {"scorer": a.scorer, "scorer_args": kw, "threshold": a.scorer_threshold}
     try:
@@ -66,6 +70,7 @@ def main(argv=None) -> int:
                                    long_fraction=a.long_fraction, describe_fraction=a.describe_fraction,
                                    spatial_refs=a.spatial_refs, locate_fraction=a.locate_fraction,
                                    describe_positions=a.describe_positions, spatial_order=a.spatial_order,
+                                   spatial_yesno_fraction=a.spatial_yesno_fraction,
                                    fonts=a.fonts,
                                    progress=not a.no_progress,
                                    overwrite=a.overwrite, pipeline=pipeline, cache_key=cache_key)

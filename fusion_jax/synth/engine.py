@@ -41,7 +41,7 @@ def generate_dataset(out_dir: str, num: int, seed: int = 0, *, kinds: Optional[S
                      mc_fraction: Optional[float] = None, long_fraction: Optional[float] = None,
                      describe_fraction: float = 0.0, spatial_refs: str = "shape", locate_fraction: float = 0.0,
                      describe_positions: bool = False, spatial_order: str = "subject_first",
-                     fonts: str = "builtin", progress: bool = False, overwrite: bool = False,
+                     spatial_yesno_fraction: float = 0.3, fonts: str = "builtin", progress: bool = False, overwrite: bool = False,
                      pipeline: Optional[SynthPipeline] = None, cache_key: Optional[dict] = None) -> dict:
     """Synthesize ``num`` samples into ``out_dir`` and return the summary dict.
 
@@ -63,6 +63,7 @@ def generate_dataset(out_dir: str, num: int, seed: int = 0, *, kinds: Optional[S
                           long_fraction=long_fraction, describe_fraction=float(describe_fraction),
                           spatial_refs=spatial_refs, locate_fraction=float(locate_fraction),
                           describe_positions=bool(describe_positions), spatial_order=spatial_order,
+                          spatial_yesno_fraction=float(spatial_yesno_fraction),
                           fonts=fonts)
         pipeline = SynthPipeline(cfg)
     cfg = pipeline.config
@@ -82,6 +83,8 @@ def generate_dataset(out_dir: str, num: int, seed: int = 0, *, kinds: Optional[S
         args["spatial_refs"] = cfg.spatial_refs
     if cfg.spatial_order != "subject_first":
         args["spatial_order"] = cfg.spatial_order
+    if cfg.spatial_yesno_fraction != 0.3:
+        args["spatial_yesno_fraction"] = cfg.spatial_yesno_fraction
     old = read_summary(out_dir) if os.path.isdir(out_dir) else None
     if old is not None and not overwrite:
         if old.get("args") == args:

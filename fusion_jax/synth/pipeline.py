@@ -43,6 +43,8 @@ class SynthConfig:
     spatial_refs: str = "shape"
     # where relation questions name the object asked about: "subject_first" | "subject_last"
     spatial_order: str = "subject_first"
+    # share of relation questions asked in the yes / no form ('Is the circle to the left of the square?')
+    spatial_yesno_fraction: float = 0.3
     fonts: str = "builtin"
     max_attempts: int = 40
 
@@ -54,7 +56,7 @@ class SynthConfig:
             raise ValueError(f"unknown kinds {bad}; choose from {','.join(KINDS)}")
         if self.image_size < 16:
             raise ValueError("image_size must be >= 16")
-        for name in ("describe_fraction", "locate_fraction"):
+        for name in ("describe_fraction", "locate_fraction", "spatial_yesno_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.describe_positions and not self.describe_fraction:
@@ -107,7 +109,8 @@ class SynthPipeline:
             mc_fraction=c.mc_fraction, long_fraction=c.long_fraction,
             short_suffix="" if c.difficulty == "easy" else SHORT_SUFFIX,
             varied=c.difficulty != "easy", spatial_refs=c.spatial_refs,
-            describe_positions=c.describe_positions, spatial_order=c.spatial_order)
+            describe_positions=c.describe_positions, spatial_order=c.spatial_order,
+            spatial_yesno_fraction=c.spatial_yesno_fraction)
         self.filters = FilterChain(filters)
         self.model_filter = ModelScoreFilter(scorer, scorer_threshold) if scorer is not None else None
 

@@ -144,18 +144,23 @@ class TemplateQAWriter:
     ``spatial_order``: where relation questions name the object asked about: ``subject_first``
     ('Is the circle left or right of the square?') or ``subject_last`` ('Relative to the square,
     is the circle on the left or on the right?'); same answers, same relations.
+    ``spatial_yesno_fraction``: the share of relation questions asked in the yes / no form; the rest
+    ask for the relation word (or its letter).
     """
 
     def __init__(self, mc_fraction: float = 0.25, long_fraction: float = 0.3,
                  short_suffix: str = SHORT_SUFFIX, varied: bool = True, num_choices: int = 4,
                  spatial_refs: str = "shape", describe_positions: bool = False,
-                 spatial_order: str = "subject_first"):
+                 spatial_order: str = "subject_first", spatial_yesno_fraction: float = 0.3):
+        if not 0.0 <= spatial_yesno_fraction <= 1.0:
+            raise ValueError(f"spatial_yesno_fraction must be in [0, 1], got {spatial_yesno_fraction}")
         if spatial_refs not in SPATIAL_REFS:
             raise ValueError(f"spatial_refs must be one of {SPATIAL_REFS}, got {spatial_refs!r}")
         if spatial_order not in SPATIAL_ORDERS:
             raise ValueError(f"spatial_order must be one of {SPATIAL_ORDERS}, got {spatial_order!r}")
         self.spatial_refs = spatial_refs
         self.spatial_order = spatial_order
+        self.spatial_yesno_fraction = float(spatial_yesno_fraction)
         self.describe_positions = bool(describe_positions)
         self.mc_fraction = mc_fraction
         self.long_fraction = long_fraction
@@ -258,7 +263,7 @@ class TemplateQAWriter:
             na, nb = noun_phrase(sa), noun_phrase(sb)
             axis = "x" if abs(a.x - b.x) >= abs(a.y - b.y) else "y"
             form = rng.random()
-            if form < 0.3:  # yes / no
+            if form < self.spatial_yesno_fraction:
                 rel = (("left", "right") if axis == "x" else ("above", "below"))[int(rng.integers(2))]
                 phrase = {"left": "to the left of", "right": "to the right of", "above": "above",
                           "below": "below"}[rel]

@@ -79,6 +79,9 @@ def prepare_synth(workdir: str, dc, log=print) -> tuple[str, str, str]:
                              locate_fraction=float(dc.get("synth_locate_fraction", 0.0)),
                              describe_positions=bool(dc.get("synth_describe_positions", False)),
                              spatial_order=str(dc.get("synth_spatial_order", "subject_first")),
+                             mc_fraction=None if float(dc.get("synth_mc_fraction", -1.0)) < 0
+                             else float(dc.synth_mc_fraction),
+                             spatial_yesno_fraction=float(dc.get("synth_spatial_yesno_fraction", 0.3)),
                              progress=bool(dc.get("synth_progress", False)))
         log(f"synth data: {data_dir} ({'cached' if s.get('cached') else 'generated'})")
         if not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):

@@ -92,6 +92,7 @@ def base_config() -> mlc.ConfigDict:
         synth_difficulty="full", synth_kinds=(), synth_max_turns=0, synth_describe_fraction=0.0,
         synth_spatial_refs="shape", synth_locate_fraction=0.0,
         synth_describe_positions=False, synth_spatial_order="subject_first", tokenizer_vocab_size=512,
+        synth_mc_fraction=-1.0, synth_spatial_yesno_fraction=0.3,  # mc < 0: the difficulty's default
         synth_progress=False))
     return c
 
