@@ -370,6 +370,10 @@ def test_spatial_yesno_fraction():
     assert SynthPipeline(cfg).qa_writer.spatial_yesno_fraction == 0.0
     with pytest.raises(ValueError, match="spatial_yesno_fraction"):
         SynthConfig(spatial_yesno_fraction=1.5).resolved()
+    with pytest.raises(ValueError, match="mc_fraction"):
+        SynthConfig(mc_fraction=-0.5).resolved()
+    with pytest.raises(ValueError, match="mc_fraction \\+ long_fraction"):
+        SynthConfig(mc_fraction=0.6, long_fraction=0.6).resolved()
     with pytest.raises(ValueError, match="spatial_yesno_fraction"):
         TemplateQAWriter(spatial_yesno_fraction=-0.1)
 

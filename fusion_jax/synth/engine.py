@@ -41,7 +41,8 @@ def generate_dataset(out_dir: str, num: int, seed: int = 0, *, kinds: Optional[S
                      mc_fraction: Optional[float] = None, long_fraction: Optional[float] = None,
                      describe_fraction: float = 0.0, spatial_refs: str = "shape", locate_fraction: float = 0.0,
                      describe_positions: bool = False, spatial_order: str = "subject_first",
-                     spatial_yesno_fraction: float = 0.3, fonts: str = "builtin", progress: bool = False, overwrite: bool = False,
+                     spatial_yesno_fraction: float = 0.3, fonts: str = "builtin", progress: bool = False,
+                     overwrite: bool = False,
                      pipeline: Optional[SynthPipeline] = None, cache_key: Optional[dict] = None) -> dict:
     """Synthesize ``num`` samples into ``out_dir`` and return the summary dict.
 

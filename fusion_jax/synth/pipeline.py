@@ -56,9 +56,14 @@ class SynthConfig:
             raise ValueError(f"unknown kinds {bad}; choose from {','.join(KINDS)}")
         if self.image_size < 16:
             raise ValueError("image_size must be >= 16")
-        for name in ("describe_fraction", "locate_fraction", "spatial_yesno_fraction"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("describe_fraction", "locate_fraction", "spatial_yesno_fraction", "mc_fraction",
+                     "long_fraction"):
+            v = getattr(self, name)
+            if v is not None and not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {v}")
+        if (self.mc_fraction or 0.0) + (self.long_fraction or 0.0) > 1.0:
+            raise ValueError(f"mc_fraction + long_fraction must be <= 1, got {self.mc_fraction} + "
+                             f"{self.long_fraction}")
         if self.describe_positions and not self.describe_fraction:
             raise ValueError("describe_positions changes the describe turn; it needs describe_fraction > 0")
         if self.spatial_refs not in SPATIAL_REFS:
