@@ -355,6 +355,7 @@ def test_spatial_order_subject_last():
     with pytest.raises(ValueError, match="spatial_order"):
         SynthConfig(spatial_order="last").resolved()
 
+
 def test_spatial_yesno_fraction():
     """The share of yes / no relation questions: 0 leaves only 'left or right' / 'above or below'
     questions, 1 only yes / no ones; the default (0.3) keeps older cached sets valid."""
