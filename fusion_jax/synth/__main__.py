@@ -7,7 +7,7 @@ import sys
 
 from .engine import generate_dataset
 from .pipeline import SynthConfig, SynthPipeline
-from .qa import SPATIAL_ORDERS, SPATIAL_REFS
+from .qa import SPATIAL_ORDERS, SPATIAL_REFS, SPATIAL_YESNO_FRACTION
 from .scene import KINDS
 
 
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     ap.add_argument("--spatial-order", choices=SPATIAL_ORDERS, default="subject_first",
                     help="relation questions name the object asked about first ('Is the circle left of the "
                          "square?') or last ('Relative to the square, is the circle on the left?')")
-    ap.add_argument("--spatial-yesno-fraction", type=float, default=0.3,
+    ap.add_argument("--spatial-yesno-fraction", type=float, default=SPATIAL_YESNO_FRACTION,
                     help="share of relation questions asked in the yes / no form ('Is the circle to the left "
                          "of the square?')")
     ap.add_argument("--fonts", choices=("builtin", "system"), default="builtin")

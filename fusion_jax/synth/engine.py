@@ -8,6 +8,7 @@ import sys
 from typing import Optional, Sequence
 
 from .pipeline import SynthConfig, SynthPipeline, encode_sample
+from .qa import SPATIAL_YESNO_FRACTION
 from .scene import KINDS
 from .writers import DatasetWriter, clear_output, read_summary, write_summary
 
@@ -41,8 +42,8 @@ def generate_dataset(out_dir: str, num: int, seed: int = 0, *, kinds: Optional[S
                      mc_fraction: Optional[float] = None, long_fraction: Optional[float] = None,
                      describe_fraction: float = 0.0, spatial_refs: str = "shape", locate_fraction: float = 0.0,
                      describe_positions: bool = False, spatial_order: str = "subject_first",
-                     spatial_yesno_fraction: float = 0.3, fonts: str = "builtin", progress: bool = False,
-                     overwrite: bool = False,
+                     spatial_yesno_fraction: float = SPATIAL_YESNO_FRACTION, fonts: str = "builtin",
+                     progress: bool = False, overwrite: bool = False,
                      pipeline: Optional[SynthPipeline] = None, cache_key: Optional[dict] = None) -> dict:
     """Synthesize ``num`` samples into ``out_dir`` and return the summary dict.
 
@@ -84,7 +85,7 @@ def generate_dataset(out_dir: str, num: int, seed: int = 0, *, kinds: Optional[S
         args["spatial_refs"] = cfg.spatial_refs
     if cfg.spatial_order != "subject_first":
         args["spatial_order"] = cfg.spatial_order
-    if cfg.spatial_yesno_fraction != 0.3:
+    if cfg.spatial_yesno_fraction != SPATIAL_YESNO_FRACTION:
         args["spatial_yesno_fraction"] = cfg.spatial_yesno_fraction
     old = read_summary(out_dir) if os.path.isdir(out_dir) else None
     if old is not None and not overwrite:

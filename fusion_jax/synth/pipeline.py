@@ -13,7 +13,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .filters import FilterChain, FilterContext, ModelScoreFilter
-from .qa import SHORT_SUFFIX, SPATIAL_ORDERS, SPATIAL_REFS, QAPair, TemplateQAWriter, qa_to_dict
+from .qa import (SHORT_SUFFIX, SPATIAL_ORDERS, SPATIAL_REFS, SPATIAL_YESNO_FRACTION, QAPair, TemplateQAWriter,
+                 qa_to_dict)
 from .render import ProceduralRenderer, png_bytes
 from .scene import (KINDS, CaptionWriter, ImageGenerator, ProceduralSceneSampler, QAWriter,
                     TemplateCaptionWriter, get_palette)
@@ -44,7 +45,7 @@ class SynthConfig:
     # where relation questions name the object asked about: "subject_first" | "subject_last"
     spatial_order: str = "subject_first"
     # share of relation questions asked in the yes / no form ('Is the circle to the left of the square?')
-    spatial_yesno_fraction: float = 0.3
+    spatial_yesno_fraction: float = SPATIAL_YESNO_FRACTION
     fonts: str = "builtin"
     max_attempts: int = 40
 

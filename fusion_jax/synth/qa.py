@@ -127,6 +127,8 @@ def referenced_objects(scene: Scene, spec: dict) -> list:
 SPATIAL_ORDERS = ("subject_first", "subject_last")
 # how spatial questions name objects (TemplateQAWriter.spatial_refs)
 SPATIAL_REFS = ("shape", "color", "mixed")
+# the default share of relation questions in the yes / no form (the sets made before it was a knob)
+SPATIAL_YESNO_FRACTION = 0.3
 SIDE_PHRASE = {"left": "on the left", "right": "on the right", "above": "above", "below": "below"}
 
 
@@ -151,7 +153,8 @@ class TemplateQAWriter:
     def __init__(self, mc_fraction: float = 0.25, long_fraction: float = 0.3,
                  short_suffix: str = SHORT_SUFFIX, varied: bool = True, num_choices: int = 4,
                  spatial_refs: str = "shape", describe_positions: bool = False,
-                 spatial_order: str = "subject_first", spatial_yesno_fraction: float = 0.3):
+                 spatial_order: str = "subject_first",
+                 spatial_yesno_fraction: float = SPATIAL_YESNO_FRACTION):
         if not 0.0 <= spatial_yesno_fraction <= 1.0:
             raise ValueError(f"spatial_yesno_fraction must be in [0, 1], got {spatial_yesno_fraction}")
         if spatial_refs not in SPATIAL_REFS:

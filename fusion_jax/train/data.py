@@ -69,6 +69,7 @@ def prepare_synth(workdir: str, dc, log=print) -> tuple[str, str, str]:
     tok_dir = os.path.join(workdir, "tokenizer")
     if jax.process_index() == 0:
         from fusion_jax.synth import generate_dataset
+        from fusion_jax.synth.qa import SPATIAL_YESNO_FRACTION
         s = generate_dataset(data_dir, int(dc.synth_num), int(dc.synth_seed), image_size=int(dc.synth_image_size),
                              workers=int(dc.synth_workers), heldout_fraction=float(dc.synth_heldout_fraction),
                              difficulty=str(dc.synth_difficulty),
@@ -81,7 +82,8 @@ def prepare_synth(workdir: str, dc, log=print) -> tuple[str, str, str]:
                              spatial_order=str(dc.get("synth_spatial_order", "subject_first")),
                              mc_fraction=None if float(dc.get("synth_mc_fraction", -1.0)) < 0
                              else float(dc.synth_mc_fraction),
-                             spatial_yesno_fraction=float(dc.get("synth_spatial_yesno_fraction", 0.3)),
+                             spatial_yesno_fraction=float(dc.get("synth_spatial_yesno_fraction",
+                                                                 SPATIAL_YESNO_FRACTION)),
                              progress=bool(dc.get("synth_progress", False)))
         log(f"synth data: {data_dir} ({'cached' if s.get('cached') else 'generated'})")
         if not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
