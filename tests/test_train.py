@@ -230,6 +230,8 @@ def test_tiny_configs_differ_from_tiny_only_by_their_switches():
                          "data.synth_max_turns": 1, "data.synth_mc_fraction": 0.0,
                          "data.synth_spatial_yesno_fraction": 0.0},
     }
+    import glob
+    assert sorted(os.path.basename(f)[:-3] for f in glob.glob(os.path.join(root, "tiny_*.py"))) == sorted(want)
     for name, diff in want.items():
         got = load(name)
         assert {k: v for k, v in got.items() if base.get(k) != v} == diff, name
