@@ -198,46 +198,6 @@ def test_image_token_grid_reaches_the_model():
     assert (cfg.image_token_grid, cfg.num_image_tokens) == (4, 16)
 
 
-def _flat(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-    return out
-
-
-def test_tiny_configs_differ_from_tiny_only_by_their_switches():
-    """Each configs/tiny_*.py is configs/tiny.py plus exactly the keys it names (docs/ablations.md)."""
-    import importlib.util
-    root = os.path.join(os.path.dirname(__file__), "..", "configs")
-
-    def load(name):
-        spec = importlib.util.spec_from_file_location(name, os.path.join(root, name + ".py"))
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        tc = mod.get_config()
-        loop.validate(tc)
-        return _flat(json.loads(tc.to_json()))
-
-    base = load("tiny")
-    want = {
-        "tiny_no_tune": {"model.use_tune": False},
-        "tiny_no_card": {"model.use_card": False},
-        "tiny_no_dsm": {"model.use_dsm": False},
-        "tiny_spatial": {"model.use_tune": False, "model.use_card": False, "model.use_dsm": False,
-                         "vision_warmup.side_tags": True, "vision_warmup.dense_tags": True,
-                         "optim.freeze": "^model/vision_tower/", "optim.lr": 3e-4, "optim.schedule": "constant",
-                         "data.synth_kinds": ["spatial"], "data.synth_describe_fraction": 0.0,
-                         "data.synth_max_turns": 1, "data.synth_mc_fraction": 0.0,
-                         "data.synth_spatial_yesno_fraction": 0.0},
-    }
-    import glob
-    assert sorted(os.path.basename(f)[:-3] for f in glob.glob(os.path.join(root, "tiny_*.py"))) == sorted(want)
-    for name, diff in want.items():
-        got = load(name)
-        assert {k: v for k, v in got.items() if base.get(k) != v} == diff, name
-        assert got.keys() == base.keys(), name
-
-
 def test_embed_init_std_reaches_the_model():
     """Tiny recipe starts word embeddings at std 1 (the scale of image features); HF's 0.02 stays
     the default everywhere else. Weights loaded from a checkpoint are unaffected (init only)."""

@@ -1,7 +1,10 @@
-"""The 3B/8B stage configs build abstract params whose counts match the reference architecture."""
+"""The 3B/8B stage configs build abstract params whose counts match the reference architecture;
+the tiny ablation and diagnostic configs are tiny.py plus exactly their named keys."""
 from __future__ import annotations
 
+import glob
 import importlib.util
+import json
 import os
 
 import jax
@@ -77,3 +80,41 @@ def test_schedule_matches_hf():
     for t in (10, 50, 99):
         hf = 0.5 * (1 + math.cos(math.pi * (t - 3) / 97))
         assert abs(float(s(t)) - hf) < 1e-6
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+TINY_SWITCHES = {
+    "tiny_no_tune": {"model.use_tune": False},
+    "tiny_no_card": {"model.use_card": False},
+    "tiny_no_dsm": {"model.use_dsm": False},
+    "tiny_spatial": {"model.use_tune": False, "model.use_card": False, "model.use_dsm": False,
+                     "vision_warmup.side_tags": True, "vision_warmup.dense_tags": True,
+                     "optim.freeze": "^model/vision_tower/", "optim.lr": 3e-4, "optim.schedule": "constant",
+                     "data.synth_kinds": ["spatial"], "data.synth_describe_fraction": 0.0,
+                     "data.synth_max_turns": 1, "data.synth_mc_fraction": 0.0,
+                     "data.synth_spatial_yesno_fraction": 0.0},
+}
+
+
+def test_tiny_configs_differ_from_tiny_only_by_their_switches():
+    """Each configs/tiny_*.py is configs/tiny.py plus exactly the keys it names (docs/ablations.md)."""
+    from fusion_jax.train import loop
+
+    def flat(name):
+        tc = load_config(name)
+        loop.validate(tc)
+        return _flat(json.loads(tc.to_json()))
+
+    names = sorted(os.path.basename(f)[:-3] for f in glob.glob(os.path.join(ROOT, "configs", "tiny_*.py")))
+    assert names == sorted(TINY_SWITCHES)
+    base = flat("tiny")
+    for name, diff in TINY_SWITCHES.items():
+        got = flat(name)
+        assert got.keys() == base.keys(), name
+        assert {k: v for k, v in got.items() if base[k] != v} == diff, name
