@@ -82,6 +82,17 @@ def test_schedule_matches_hf():
         assert abs(float(s(t)) - hf) < 1e-6
 
 
+def test_schedule_decays_to_a_floor_and_holds():
+    from fusion_jax.train.optim import make_schedule
+    import math
+    s = make_schedule(2.0, 100, 0.03, end_ratio=0.15, decay_ratio=0.4)
+    assert abs(float(s(3)) - 2.0) < 1e-6
+    mid = 0.3 + 1.7 * 0.5 * (1 + math.cos(math.pi * (20 - 3) / 37))
+    assert abs(float(s(20)) - mid) < 1e-5
+    for t in (40, 70, 99):
+        assert abs(float(s(t)) - 0.3) < 1e-6
+
+
 def _flat(d, prefix=""):
     out = {}
     for k, v in d.items():

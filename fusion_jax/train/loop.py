@@ -57,6 +57,10 @@ def validate(tc):
          f"{tc.global_batch_size} not divisible by grad_accum={tc.grad_accum}")
     need(tc.optim.lr > 0, "optim.lr", f"must be > 0, got {tc.optim.lr}")
     need(0 <= tc.optim.warmup_ratio < 1, "optim.warmup_ratio", f"must be in [0, 1), got {tc.optim.warmup_ratio}")
+    need(0 <= tc.optim.get("end_lr_ratio", 0.0) <= 1, "optim.end_lr_ratio",
+         f"must be in [0, 1], got {tc.optim.get('end_lr_ratio')}")
+    need(0 < tc.optim.get("decay_ratio", 1.0) <= 1, "optim.decay_ratio",
+         f"must be in (0, 1], got {tc.optim.get('decay_ratio')}")
     need(tc.data.source in ("path", "synth"), "data.source", f"expected path | synth, got {tc.data.source!r}")
     if tc.data.source == "path":
         need(bool(tc.data.path), "data.path", "empty (a JSON/YAML mixture or prepared dataset dir)")
@@ -172,7 +176,8 @@ class Setup:
         self.total_steps = int(tc.total_steps)
         self.tx, self.labels, self.schedules = optim.make_optimizer(
             self.abstract_params, lr=o.lr, vision_lr=o.vision_lr, total_steps=max(self.total_steps, 1),
-            warmup_ratio=o.warmup_ratio, schedule=o.schedule, weight_decay=o.weight_decay,
+            warmup_ratio=o.warmup_ratio, schedule=o.schedule, end_ratio=o.get("end_lr_ratio", 0.0),
+            decay_ratio=o.get("decay_ratio", 1.0), weight_decay=o.weight_decay,
             b1=o.b1, b2=o.b2, eps=o.eps, grad_clip=o.grad_clip or None, freeze=o.freeze)
         self.abstract_state = step_lib.abstract_train_state(self.abstract_params, self.tx)
         self.state_sharding = step_lib.train_state_shardings(self.abstract_state, self.param_sharding,

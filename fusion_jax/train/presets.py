@@ -74,7 +74,8 @@ def base_config() -> mlc.ConfigDict:
     c.llm_warmup = mlc.ConfigDict(dict(steps=0, lr=2e-3, batch_size=16, seq_len=128))
     c.optim = mlc.ConfigDict(dict(
         lr=2e-5, vision_lr=mlc.FieldReference(None, field_type=float), warmup_ratio=0.03,
-        schedule="cosine", weight_decay=0.0, grad_clip=1.0, b1=0.9, b2=0.999, eps=1e-8, freeze=""))
+        schedule="cosine", end_lr_ratio=0.0, decay_ratio=1.0, weight_decay=0.0, grad_clip=1.0, b1=0.9,
+        b2=0.999, eps=1e-8, freeze=""))
     c.model = mlc.ConfigDict(dict(
         preset="phi35_3b", vision_tower="siglip-so400m-patch14-384",
         compute_dtype="bfloat16", param_dtype="float32", scan_layers=True,
