@@ -91,6 +91,12 @@ def test_schedule_decays_to_a_floor_and_holds():
     assert abs(float(s(20)) - mid) < 1e-5
     for t in (40, 70, 99):
         assert abs(float(s(t)) - 0.3) < 1e-6
+    from fusion_jax.train import loop
+    for key, bad in (("end_lr_ratio", 1.5), ("decay_ratio", 0.0)):
+        tc = load_config("tiny")
+        tc.optim[key] = bad
+        with pytest.raises(ValueError, match=f"config.optim.{key}"):
+            loop.validate(tc)
 
 
 def _flat(d, prefix=""):
