@@ -97,6 +97,10 @@ def test_schedule_decays_to_a_floor_and_holds():
         tc.optim[key] = bad
         with pytest.raises(ValueError, match=f"config.optim.{key}"):
             loop.validate(tc)
+    tc = load_config("tiny_spatial")  # a constant schedule
+    tc.optim.end_lr_ratio = 0.5
+    with pytest.raises(ValueError, match="cosine schedule only"):
+        loop.validate(tc)
 
 
 def _flat(d, prefix=""):

@@ -61,6 +61,10 @@ def validate(tc):
          f"must be in [0, 1], got {tc.optim.get('end_lr_ratio')}")
     need(0 < tc.optim.get("decay_ratio", 1.0) <= 1, "optim.decay_ratio",
          f"must be in (0, 1], got {tc.optim.get('decay_ratio')}")
+    need(tc.optim.schedule == "cosine" or (tc.optim.get("end_lr_ratio", 0.0) == 0
+                                            and tc.optim.get("decay_ratio", 1.0) == 1),
+         "optim.end_lr_ratio", f"and optim.decay_ratio shape the cosine schedule only, not "
+         f"schedule={tc.optim.schedule!r}")
     need(tc.data.source in ("path", "synth"), "data.source", f"expected path | synth, got {tc.data.source!r}")
     if tc.data.source == "path":
         need(bool(tc.data.path), "data.path", "empty (a JSON/YAML mixture or prepared dataset dir)")
