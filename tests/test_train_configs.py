@@ -97,7 +97,9 @@ def test_schedule_decays_to_a_floor_and_holds():
         tc.optim[key] = bad
         with pytest.raises(ValueError, match=f"config.optim.{key}"):
             loop.validate(tc)
-    tc = load_config("tiny_spatial")  # a constant schedule
+    with pytest.raises(ValueError, match="cosine schedule only"):
+        make_schedule(2.0, 100, 0.03, "constant", end_ratio=0.5)
+    tc = load_config("tiny_spatial")  # a constant schedule: caught by validate, before synthesis
     tc.optim.end_lr_ratio = 0.5
     with pytest.raises(ValueError, match="cosine schedule only"):
         loop.validate(tc)

@@ -72,6 +72,9 @@ def make_schedule(peak: float, total_steps: int, warmup_ratio: float = 0.03, sch
                   end_ratio: float = 0.0, decay_ratio: float = 1.0):
     """``end_ratio`` / ``decay_ratio`` (cosine only): decay to ``end_ratio * peak`` by step
     ``decay_ratio * total_steps`` and hold it there (the defaults are HF's schedule)."""
+    if schedule != "cosine" and (end_ratio != 0 or decay_ratio != 1):
+        raise ValueError(f"config.optim.end_lr_ratio and optim.decay_ratio shape the cosine schedule only, "
+                         f"not schedule={schedule!r}")
     w = warmup_steps(total_steps, warmup_ratio)
     if schedule == "cosine":
         if total_steps <= w:
