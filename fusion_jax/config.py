@@ -124,6 +124,9 @@ class FusionConfig:
     window_size: int = 3
     query_len: tuple[int, ...] = (4, 16, 36, 64, 144)
     dsm_weight: float = 0.1
+    # CE weight of a target: n ** -ce_turn_power, n its answer turn's length (loss.target_weights);
+    # 0 is the reference's token mean, 1 counts every answer once
+    ce_turn_power: float = 0.0
     early_mask_mode: str = "reference"
     use_tune: bool = True
     use_card: bool = True

@@ -200,9 +200,10 @@ class FusionForCausalLM(nnx.Module):
         else:
             out = {}
         if has_labels and not return_logits:
-            ce, n = L.chunked_cross_entropy(h, batch["labels"], self.logits, cfg.loss_chunk)
+            ce, n = L.chunked_cross_entropy(h, batch["labels"], self.logits, cfg.loss_chunk,
+                                            cfg.ce_turn_power)
         elif has_labels:
-            ce, n = L.cross_entropy(logits, batch["labels"])
+            ce, n = L.cross_entropy(logits, batch["labels"], cfg.ce_turn_power)
         else:
             ce, n = jnp.float32(0.0), jnp.int32(0)
         ins, vis = L.dsm_loss(enc["instruct_embeddings"], enc["instruct_features"],

@@ -1,4 +1,4 @@
-"""The train step's chunked CE equals the full-logits CE (value and gradients)."""
+"""The train step's chunked CE equals the full-logits CE (value and gradients); turn weights."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,10 +18,10 @@ def test_chunked_ce_equals_full():
     lab = np.where(r.random((B, S)) < 0.3, r.integers(0, V, (B, S)), -100)
     lab[2] = -100                                   # a sample without targets
     lab = jnp.asarray(lab)
-    full = lambda h, W: L.cross_entropy(h @ W, lab)[0]
     with jax.default_matmul_precision("highest"):
-        for chunk in (1, 8, 64):
-            part = lambda h, W: L.chunked_cross_entropy(h, lab, lambda x: x @ W, chunk)[0]
+        for chunk, power in ((1, 0.0), (8, 0.0), (64, 0.0), (8, 1.0), (64, 0.5)):
+            full = lambda h, W: L.cross_entropy(h @ W, lab, power)[0]
+            part = lambda h, W: L.chunked_cross_entropy(h, lab, lambda x: x @ W, chunk, power)[0]
             np.testing.assert_allclose(float(jax.jit(part)(h, W)), float(full(h, W)), atol=1e-5)
             for a, b in zip(jax.grad(full, (0, 1))(h, W), jax.jit(jax.grad(part, (0, 1)))(h, W)):
                 np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
@@ -47,3 +47,35 @@ def test_model_loss_without_logits_matches():
     np.testing.assert_allclose(float(l1), float(l2), atol=1e-5)
     for a, c in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-5)
+
+
+def test_turn_weights_count_each_answer_turn():
+    I = -100
+    tg = jnp.asarray([[I, 5, 6, 7, I, I, 8, 9, I, 4], [I] * 10])
+    w1 = np.asarray(L.target_weights(tg, 1.0))
+    np.testing.assert_allclose(w1[0], [0, 1 / 3, 1 / 3, 1 / 3, 0, 0, 0.5, 0.5, 0, 1], rtol=1e-6)
+    assert not w1[1].any()
+    np.testing.assert_allclose(np.asarray(L.target_weights(tg, 0.5))[0, 6], 2 ** -0.5, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(L.target_weights(tg, 0.0)), np.asarray(tg != I, np.float32))
+
+    # power 1: the loss is the mean over answer turns of each turn's mean NLL
+    r = np.random.default_rng(1)
+    logits = jnp.asarray(r.normal(size=(2, 11, 13)), jnp.float32)
+    labels = jnp.concatenate([jnp.zeros((2, 1), jnp.int32), tg], 1)
+    nll = -jax.nn.log_softmax(logits[:, :-1], -1)
+    turns = [[(0, 1), (0, 2), (0, 3)], [(0, 6), (0, 7)], [(0, 9)]]
+    want = np.mean([np.mean([float(nll[b, t, int(tg[b, t])]) for b, t in turn]) for turn in turns])
+    got, n = L.cross_entropy(logits, labels, 1.0)
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    assert int(n) == 6                              # num_targets still counts tokens
+
+    # the train step's micro-batch shares (step.loss_weights) add up to the big-batch weighted loss
+    from fusion_jax.train.step import loss_weights
+    cfg = tiny_config("phi3").replace(ce_turn_power=1.0)
+    lab = jnp.asarray(np.where(r.random((4, 30)) < 0.5, r.integers(0, 13, (4, 30)), -100))
+    lg = jnp.asarray(r.normal(size=(4, 30, 13)), jnp.float32)
+    part = lambda s: {"labels": lab[s], "instruct_mask": jnp.ones((2, 3)), "images": jnp.zeros((2, 1))}
+    total = loss_weights(cfg, part(slice(0, 4)) | {"images": jnp.zeros((4, 1))})["ce"]
+    acc = sum(L.cross_entropy(lg[s], lab[s], 1.0)[0] * loss_weights(cfg, part(s))["ce"] / total
+              for s in (slice(0, 2), slice(2, 4)))
+    np.testing.assert_allclose(float(acc), float(L.cross_entropy(lg, lab, 1.0)[0]), rtol=1e-5)

@@ -142,6 +142,10 @@ def test_config_errors_name_the_key():
         loop.validate(_tc(**{"model.tiny.embed_init_std": None}))
     with pytest.raises(ValueError, match=r"config\.model\.image_token_grid"):
         loop.validate(_tc(**{"model.image_token_grid": -1}))
+    for bad in (-0.5, float("nan")):
+        with pytest.raises(ValueError, match=r"config\.model\.ce_turn_power"):
+            loop.validate(_tc(**{"model.ce_turn_power": bad}))
+    assert loop.model_overrides(_tc(**{"model.ce_turn_power": 1}))["ce_turn_power"] == 1.0
     with pytest.raises(ValueError, match=r"config\.global_batch_size"):
         loop.Setup(_tc(global_batch_size=6, grad_accum=4), None, mesh=make_mesh((1, 1, 1), jax.devices()[:1]),
                    model_cfg=_cfg())

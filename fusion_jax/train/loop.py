@@ -98,6 +98,9 @@ def validate(tc):
     g = tc.model.get("image_token_grid", 0)
     need(isinstance(g, int) and not isinstance(g, bool) and g >= 0, "model.image_token_grid",
          f"must be an integer >= 0 (0: the tower's own grid), got {g!r}")
+    pw = tc.model.get("ce_turn_power", 0.0)
+    need(isinstance(pw, (int, float)) and not isinstance(pw, bool) and math.isfinite(pw) and pw >= 0,
+         "model.ce_turn_power", f"must be a finite number >= 0 (0: token mean), got {pw!r}")
     if "tiny" in tc.model:
         std = tc.model.tiny.get("embed_init_std", 0.02)
         ok = isinstance(std, (int, float)) and not isinstance(std, bool) and math.isfinite(std) and std > 0
@@ -109,7 +112,8 @@ def model_overrides(tc) -> dict:
     return dict(compute_dtype=m.compute_dtype, param_dtype=m.param_dtype, scan_layers=bool(m.scan_layers),
                 remat_policy=m.remat_policy, use_tune=bool(m.use_tune), use_card=bool(m.use_card),
                 use_dsm=bool(m.use_dsm), query_len=parse_query_len(m.query_len),
-                early_mask_mode=m.early_mask_mode, max_length=int(tc.data.max_length))
+                early_mask_mode=m.early_mask_mode, max_length=int(tc.data.max_length),
+                ce_turn_power=float(m.get("ce_turn_power", 0.0)))
 
 
 def init_source_kind(path: str) -> str:

@@ -83,6 +83,7 @@ def base_config() -> mlc.ConfigDict:
         vision_remat_policy="full",               # vision tower layers
         use_tune=True, use_card=True, use_dsm=True, query_len="4,16,36,64,144",
         early_mask_mode="reference",
+        ce_turn_power=0.0,                        # > 0: short answers weigh more (loss.target_weights)
         image_token_grid=0))                      # > 0: resize the image tokens to that grid (FUSION-L: 12)
     c.data = mlc.ConfigDict(dict(
         source="path",            # "path" (JSON/YAML mixture or prepared dir) | "synth"

@@ -23,8 +23,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from fusion_jax import loss as L
 from fusion_jax.config import FusionConfig
-from fusion_jax.constants import IGNORE_INDEX
 from fusion_jax.sharding import state_shardings as nnx_state_shardings
 
 # Batch entries the model reads (the pipeline also yields ids / query_len / skip counts).
@@ -133,9 +133,8 @@ def model_batch(batch: dict) -> dict:
 # ----------------------------------------------------------------------------- loss
 
 def loss_weights(cfg: FusionConfig, batch: dict) -> dict:
-    """Global element counts of the three loss terms (data-only, no gradient)."""
-    tg = batch["labels"][:, 1:]
-    n_ce = jnp.sum(tg != IGNORE_INDEX).astype(jnp.float32)
+    """Global element counts (CE: target weights) of the three loss terms (data-only, no gradient)."""
+    n_ce = jnp.sum(L.target_weights(batch["labels"][:, 1:], cfg.ce_turn_power))
     n_ins = jnp.sum(batch["instruct_mask"]).astype(jnp.float32)
     n_vis = jnp.float32(batch["images"].shape[0])  # per-sample mean over P tokens, then over samples
     return {"ce": n_ce, "ins": n_ins, "vis": n_vis}
