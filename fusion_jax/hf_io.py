@@ -10,7 +10,6 @@ import json
 import os
 from typing import Callable, Iterable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx

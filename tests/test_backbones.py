@@ -7,7 +7,7 @@ import pytest
 import torch
 from flax import nnx
 
-from fusion_jax.config import FusionConfig, llm_config_from_hf, tiny_config, vision_config_from_hf
+from fusion_jax.config import llm_config_from_hf, tiny_config, vision_config_from_hf
 from fusion_jax.hf_io import DictReader, load_weights
 from fusion_jax.model import FusionForCausalLM
 

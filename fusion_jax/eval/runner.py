@@ -14,7 +14,6 @@ import json
 import os
 import uuid
 
-import numpy as np
 
 
 def read_jsonl(path: str) -> list:

@@ -13,7 +13,7 @@ from typing import Optional
 
 import numpy as np
 
-from .scene import (Palette, Scene, location_phrase, noun_phrase, number_word, plural, select,
+from .scene import (Palette, Scene, location_phrase, noun_phrase, number_word, select,
                     unique_selector)
 
 SHORT_SUFFIX = "Answer the question using a single word or phrase."

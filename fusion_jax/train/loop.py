@@ -5,14 +5,12 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from fusion_jax.config import FusionConfig, parse_query_len
 from fusion_jax.sharding import make_mesh, spec_for

@@ -15,11 +15,10 @@ AOT: `jax.jit` with explicit in/out shardings; `lower_train_step` lowers it from
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
