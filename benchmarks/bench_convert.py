@@ -43,6 +43,7 @@ def config(llm_layers: int):
 
 def write_synthetic(folder: str, cfg, max_shard="5GB"):
     import ml_dtypes
+
     from fusion_jax.convert.hf_export import hf_order, our_shapes, per_layer_shape, synth_hf_config
     from fusion_jax.convert.st_io import ShardedWriter
     from fusion_jax.param_map import param_table

@@ -17,6 +17,7 @@ import time
 
 def make_data(root: str, n: int, px: int) -> tuple[str, str]:
     import numpy as np
+
     from fusion_jax.data.testing import gradient_image
     imgdir = os.path.join(root, "images")
     os.makedirs(imgdir, exist_ok=True)

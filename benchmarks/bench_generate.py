@@ -20,6 +20,7 @@ import time
 
 def build(args):
     import numpy as np
+
     from fusion_jax.config import tiny_config
     from fusion_jax.model import FusionForCausalLM
     if args.ckpt:
@@ -36,8 +37,9 @@ def build(args):
 
 
 def make_batch(cfg, args):
-    import numpy as np
     import jax.numpy as jnp
+    import numpy as np
+
     from fusion_jax.constants import IMAGE_TOKEN_INDEX, LATENT_IMAGE_TOKEN_INDEX
     from fusion_jax.generate import layout_padded
     rng = np.random.default_rng(0)
@@ -80,6 +82,7 @@ def main(argv=None):
     import jax
     import numpy as np
     from flax import nnx
+
     from fusion_jax.generate import generate, generate_nocache, prefill
 
     model = build(a)

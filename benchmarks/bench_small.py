@@ -158,6 +158,7 @@ def _time(fn, warmup, steps, before=None):
 def bench_train(cfg, warmup, steps, forward_only=False):
     import jax
     from flax import nnx
+
     from fusion_jax.model import FusionForCausalLM
     model = FusionForCausalLM(cfg, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
@@ -183,6 +184,7 @@ def bench_train(cfg, warmup, steps, forward_only=False):
 def bench_generate(cfg, warmup, steps, new_tokens=32):
     import jax
     from flax import nnx
+
     from fusion_jax.generate import generate
     from fusion_jax.model import FusionForCausalLM
     model = FusionForCausalLM(cfg, rngs=nnx.Rngs(0))
@@ -199,6 +201,7 @@ def profile_parts(cfg, warmup=1, steps=3):
     import jax
     import jax.numpy as jnp
     from flax import nnx
+
     from fusion_jax.model import FusionForCausalLM
     model = FusionForCausalLM(cfg, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)

@@ -49,6 +49,7 @@ def main(argv=None):
     p.add_argument("--vocab", type=int, default=392, help="tiny model vocab")
     a = p.parse_args(argv)
     import jax
+
     from fusion_jax.train import flops, loop
     from fusion_jax.train.data import to_device_batch
     spec = importlib.util.spec_from_file_location("cfg", a.config)

@@ -90,6 +90,7 @@ def main(argv=None):
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     import jax
+
     from fusion_jax.tools.aot_compile import load_train_config, parse_mesh
     from fusion_jax.train import flops, loop
     from fusion_jax.train.data import to_device_batch
@@ -149,6 +150,7 @@ def main(argv=None):
           f"{res['model_tflops_per_s_per_device']:.2f} TFLOP/s/device | MFU {mfu}", flush=True)
     if a.generate:
         from flax import nnx
+
         from fusion_jax.generate import generate
         model = nnx.merge(s.graphdef, state["params"])
         gb = synthetic_batch(cfg, 1, min(S, cfg.num_image_tokens + q + 128), q, L=1, T=a.instruct_len, seed=1)

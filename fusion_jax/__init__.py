@@ -16,6 +16,7 @@ def from_pretrained(path: str, *, mesh=None, shardings=None, dtype=None, **overr
         return load_orbax_model(path, mesh=mesh, shardings=shardings, dtype=dtype, **overrides)
     if os.path.isfile(os.path.join(path, "config.json")):
         import jax
+
         from fusion_jax import hf_io
         from fusion_jax.convert.st_io import np_dtype
         cfg = hf_io.read_config(path, **overrides)
@@ -35,6 +36,7 @@ def from_pretrained(path: str, *, mesh=None, shardings=None, dtype=None, **overr
 def _rule_shardings(mesh):
     """Place each parameter by its logical axes and `fusion_jax.sharding.RULES`."""
     from jax.sharding import NamedSharding
+
     from fusion_jax.sharding import spec_for
 
     def place(name, var):

@@ -197,7 +197,7 @@ class FusionConfig:
         g = self.image_token_grid or self.vision.grid
         return g * g
 
-    def replace(self, **kw) -> "FusionConfig":
+    def replace(self, **kw) -> FusionConfig:
         return dataclasses.replace(self, **kw)
 
     # ----------------------------------------------------------------- serialisation
@@ -208,7 +208,7 @@ class FusionConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "FusionConfig":
+    def from_dict(cls, d: dict) -> FusionConfig:
         d = dict(d)
         llm = LLMConfig(**d.pop("llm"))
         vision = VisionConfig(**d.pop("vision"))

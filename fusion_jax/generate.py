@@ -23,15 +23,13 @@ import sys
 from dataclasses import dataclass, field
 from functools import partial
 
-import numpy as np
-
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from fusion_jax.interaction import context_windows
 from fusion_jax.llm import causal_keep, init_cache
-
 
 TRACES = {"generate": 0, "decode_step": 0}   # Python-side trace counts (compile-count tests)
 

@@ -21,8 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fusion_jax.constants import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, INSTRUCT_INDEX,
-                                  LATENT_IMAGE_TOKEN_INDEX)
+from fusion_jax.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX, INSTRUCT_INDEX, LATENT_IMAGE_TOKEN_INDEX
 
 
 @dataclass

@@ -18,8 +18,7 @@ from fusion_jax.interaction import InteractionLayer, context_windows
 from fusion_jax.llm import DecoderLayer, causal_keep, rope_cos_sin
 from fusion_jax.nn import Embed, Linear, Projector, RMSNorm, dtype_of, remat
 from fusion_jax.sharding import constrain
-from fusion_jax.vision import (SiglipVisionTower, adaptive_max_pool2d, resize_tokens,
-                               stitch_tiles)
+from fusion_jax.vision import SiglipVisionTower, adaptive_max_pool2d, resize_tokens, stitch_tiles
 
 
 class FusionModel(nnx.Module):

@@ -18,8 +18,9 @@ from flax import nnx
 
 from fusion_jax.attention import attention
 from fusion_jax.config import POSEMB_INITS, VisionConfig
-from fusion_jax.nn import ACT, LayerNorm, Linear, dtype_of, remat, scan_layers, _param
+from fusion_jax.nn import ACT, LayerNorm, Linear, _param, dtype_of, remat, scan_layers
 from fusion_jax.sharding import constrain
+
 
 class SiglipAttention(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, stack, rngs, param_dtype, dtype, attn_impl="auto"):

@@ -295,7 +295,8 @@ def test_refuses_overwrite_and_names_every_offender(golden_dir, golden_orbax, tm
 
 
 def test_from_pretrained_on_mesh_and_inspect(golden_orbax, capsys):
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
     mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
 
     def shard(name, var):

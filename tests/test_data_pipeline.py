@@ -10,8 +10,14 @@ import pytest
 
 from fusion_jax.constants import IGNORE_INDEX
 from fusion_jax.data.__main__ import main as cli_main
-from fusion_jax.data.pipeline import (BatchCollator, DataIterator, PipelineConfig, build_dataset,
-                                      modality_length_grouped_indices, open_source)
+from fusion_jax.data.pipeline import (
+    BatchCollator,
+    DataIterator,
+    PipelineConfig,
+    build_dataset,
+    modality_length_grouped_indices,
+    open_source,
+)
 from fusion_jax.data.sample import SampleConfig, SampleProcessor, Skipped
 from fusion_jax.data.testing import make_tokenizer_folder, write_dataset
 from fusion_jax.data.tokenizer import load_tokenizer
@@ -70,9 +76,8 @@ def test_skips_counted_by_reason(data):
 
 
 def test_state_restore_is_exact(data, tmp_path):
-    from etils import epath
-
     import grain
+    from etils import epath
     it = iter(_ds(data))
     _take(it, 3)
     handler = grain.checkpoint.CheckpointHandler()

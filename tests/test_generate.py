@@ -3,11 +3,10 @@
 Everything runs on one tiny random model; shapes are shared between tests so that the
 session compiles `generate` only a handful of times.
 """
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from flax import nnx
 
 from fusion_jax import generate as G

@@ -107,6 +107,7 @@ def test_dsm_terms(train_case):
 
 def test_rope_inv_freq_matches_reference(golden_dir):
     import json
+
     from fusion_jax.hf_io import read_config
     from fusion_jax.llm import rope_params
     meta = json.loads((golden_dir / "phi3_train" / "meta.json").read_text())

@@ -2,7 +2,9 @@
 import numpy as np
 import pytest
 
-from fusion_jax.constants import IGNORE_INDEX as IGN, IMAGE_TOKEN_INDEX as IMG, INSTRUCT_INDEX as INS
+from fusion_jax.constants import IGNORE_INDEX as IGN
+from fusion_jax.constants import IMAGE_TOKEN_INDEX as IMG
+from fusion_jax.constants import INSTRUCT_INDEX as INS
 from fusion_jax.constants import LATENT_IMAGE_TOKEN_INDEX as LAT
 from fusion_jax.layout import build_layout, layout_sample, spliced_length
 

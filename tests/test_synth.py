@@ -11,11 +11,30 @@ import numpy as np
 import pytest
 import yaml
 
-from fusion_jax.synth import (KINDS, Background, CaptionWriter, CountOverlapFilter, DerivableFilter,
-                              FilterChain, FilterContext, ImageGenerator, ModelScoreFilter, QAPair,
-                              QAWriter, Scene, SceneObject, SpatialMarginFilter, SynthConfig, SynthPipeline,
-                              TextItem, TextLegibilityFilter, VisibilityFilter, evaluate, generate_dataset,
-                              load_answers)
+from fusion_jax.synth import (
+    KINDS,
+    Background,
+    CaptionWriter,
+    CountOverlapFilter,
+    DerivableFilter,
+    FilterChain,
+    FilterContext,
+    ImageGenerator,
+    ModelScoreFilter,
+    QAPair,
+    QAWriter,
+    Scene,
+    SceneObject,
+    SpatialMarginFilter,
+    SynthConfig,
+    SynthPipeline,
+    TextItem,
+    TextLegibilityFilter,
+    VisibilityFilter,
+    evaluate,
+    generate_dataset,
+    load_answers,
+)
 from fusion_jax.synth.qa import LETTERS, MC_SUFFIX, TemplateQAWriter
 from fusion_jax.synth.scene import EASY, FULL, TemplateCaptionWriter
 

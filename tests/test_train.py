@@ -187,9 +187,9 @@ def test_exact_resume_and_load_params(tmp_path):
     from fusion_jax.train.checkpoint import load_params
     model, cfg, tok = load_params(full)
     assert cfg.llm.hidden_size == 64 and os.path.isfile(os.path.join(tok, "tokenizer.json"))
-    from fusion_jax.train.checkpoint import restore_params_tree  # noqa: F401
     # the step dir is also a converted Orbax folder for fusion_jax.from_pretrained
     import fusion_jax
+    from fusion_jax.train.checkpoint import restore_params_tree  # noqa: F401
     m2 = fusion_jax.from_pretrained(os.path.join(full, "checkpoints", "6"))
     np.testing.assert_array_equal(np.asarray(m2.lm_head.kernel[...]), np.asarray(model.lm_head.kernel[...]))
 
@@ -246,6 +246,7 @@ def test_llm_warmup_trains_the_decoder_on_captions_only(tmp_path):
     """The tiny recipe's decoder warm start: caption LM loss falls, the vision tower and the
     interaction layers come back unchanged, deterministic; misuse is a config error naming the key."""
     from flax import nnx
+
     from fusion_jax.data.tokenizer import load_tokenizer
     from fusion_jax.synth import generate_dataset
     from fusion_jax.train.data import train_tokenizer
@@ -304,8 +305,9 @@ def test_vision_warmup_learns_object_tags_and_touches_only_the_tower(tmp_path):
     assert tg["words"][tg["word"][i, j]] == t["text"]
     assert tg["patch"][i, j] == min(int((t["y0"] + t["y1"]) / 2 * 4), 3) * 4 + min(int((t["x0"] + t["x1"]) / 2 * 4), 3)
 
-    from fusion_jax.model import FusionForCausalLM
     from flax import nnx
+
+    from fusion_jax.model import FusionForCausalLM
     cfg = _cfg()
     tower0 = jax.tree.map(np.asarray, nnx.state(FusionForCausalLM(cfg).model.vision_tower, nnx.Param).to_pure_dict())
     kw = dict(steps=60, lr=3e-3, batch_size=8, seed=0, text_images=24, image_size=32, difficulty="easy",

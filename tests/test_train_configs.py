@@ -47,9 +47,10 @@ CASES = {
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_abstract_param_count(name):
+    from flax import nnx
+
     from fusion_jax.train import loop
     from fusion_jax.train.step import abstract_model
-    from flax import nnx
     tc = load_config(name)
     cfg = loop.resolve_model_config(tc, None)
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract_model(cfg))))
@@ -83,8 +84,9 @@ def test_schedule_matches_hf():
 
 
 def test_schedule_decays_to_a_floor_and_holds():
-    from fusion_jax.train.optim import make_schedule
     import math
+
+    from fusion_jax.train.optim import make_schedule
     s = make_schedule(2.0, 100, 0.03, end_ratio=0.15, decay_ratio=0.4)
     assert abs(float(s(3)) - 2.0) < 1e-6
     mid = 0.3 + 1.7 * 0.5 * (1 + math.cos(math.pi * (20 - 3) / 37))

@@ -48,6 +48,7 @@ def test_fusion_l_resize_matches_interpolate(src, dst):
 def test_patch_embedding_ignores_remainder_like_valid_conv():
     """so400m: 384 px / 14 px patches -> 27x27, the last 6 rows/cols are never read."""
     from flax import nnx
+
     from fusion_jax.config import VisionConfig
     from fusion_jax.vision import SiglipEmbeddings
     cfg = VisionConfig(hidden_size=8, image_size=30, patch_size=7)
@@ -63,6 +64,7 @@ def test_sincos2d_position_init_makes_x_and_y_linearly_readable():
     """The tiny tower's optional position init: row-major like the patches, and a least-squares
     readout recovers each patch's column and row exactly (a random 0.02 init offers no such line)."""
     from flax import nnx
+
     from fusion_jax.config import FusionConfig, VisionConfig
     from fusion_jax.vision import SiglipEmbeddings, sincos_2d
     g, D = 8, 64

@@ -20,8 +20,15 @@ import numpy as np
 from fusion_jax.config import KNOWN_TOWERS, FusionConfig, llm_config_from_hf, vision_config_from_hf
 from fusion_jax.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN
 from fusion_jax.convert import orbax_io as oio
-from fusion_jax.convert.hf_export import (_cast, _is_float, check_table, our_shapes, per_layer_shape,
-                                          synth_hf_config, vision_hf_config)
+from fusion_jax.convert.hf_export import (
+    _cast,
+    _is_float,
+    check_table,
+    our_shapes,
+    per_layer_shape,
+    synth_hf_config,
+    vision_hf_config,
+)
 from fusion_jax.convert.st_io import CheckpointError, SafeReader, np_dtype
 from fusion_jax.convert.util import has_tokenizer, progress, staged_dir, tokenizer_files
 from fusion_jax.param_map import VT, param_table, to_ours
@@ -146,6 +153,7 @@ def fresh_params(cfg: FusionConfig, names, seed: int):
     (the 8B LLM, the tower) is materialised: XLA drops the unused initialisers."""
     import jax
     from flax import nnx
+
     from fusion_jax.hf_io import flat_state
     from fusion_jax.model import FusionForCausalLM
 

@@ -199,6 +199,7 @@ def load_orbax_model(folder: str, *, mesh=None, shardings=None, dtype=None, **ov
     """
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
+
     from fusion_jax.hf_io import CheckpointError, abstract_model, flat_state
     from fusion_jax.param_map import param_table
 

@@ -24,8 +24,14 @@ EXIF orientation is applied (option `exif_transpose`); truncated images are skip
 grey-filled; 16-bit images are scaled rather than clipped; bad records are skipped and counted
 instead of being replaced by a random other record.
 """
-from fusion_jax.data.pipeline import (BatchCollator, DataIterator, PipelineConfig, build_dataset,
-                                      open_source, to_global_arrays)
+from fusion_jax.data.pipeline import (
+                                      BatchCollator,
+                                      DataIterator,
+                                      PipelineConfig,
+                                      build_dataset,
+                                      open_source,
+                                      to_global_arrays,
+)
 from fusion_jax.data.records import REPAIRS, SKIP_REASONS, InputError
 from fusion_jax.data.sample import SampleConfig, SampleProcessor, Skipped, StrictModeError
 from fusion_jax.data.tokenizer import load_tokenizer

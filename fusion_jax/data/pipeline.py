@@ -18,7 +18,8 @@ import collections
 import dataclasses
 import os
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import grain
 import numpy as np

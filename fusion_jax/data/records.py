@@ -165,7 +165,7 @@ class JsonRecordSource:
         self._pos = np.concatenate(pos) if pos else np.zeros(0, np.int64)
 
     @classmethod
-    def from_path(cls, path: str, **kw) -> "JsonRecordSource":
+    def from_path(cls, path: str, **kw) -> JsonRecordSource:
         return cls(load_mixture(path), **kw)
 
     def __len__(self) -> int:

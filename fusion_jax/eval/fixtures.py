@@ -43,6 +43,7 @@ def state_dict(model) -> dict:
 def save_hf(model, folder: str) -> str:
     """Write `model` as a reference-style HF folder readable by `fusion_jax.from_pretrained`."""
     from safetensors.numpy import save_file
+
     from fusion_jax.convert.hf_export import synth_hf_config, vision_hf_config
     os.makedirs(folder, exist_ok=True)
     save_file(state_dict(model), os.path.join(folder, "weights.safetensors"), metadata={"format": "pt"})

@@ -15,7 +15,6 @@ import os
 import uuid
 
 
-
 def read_jsonl(path: str) -> list:
     with open(os.path.expanduser(path), encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -38,6 +37,7 @@ def run_eval(model, tokenizer, questions, *, image_folder: str | None, gcfg=None
              model_id: str = "fusion_jax", progress: bool = True, log=print) -> list:
     """Answer every question; returns model_vqa answer records in input order."""
     from tqdm import tqdm
+
     from fusion_jax.data.images import ImageError, resolve_image_path
     from fusion_jax.generate import GenerationConfig, answer
     gcfg = gcfg or GenerationConfig(max_new_tokens=128)

@@ -13,14 +13,35 @@ CLI: ``python -m fusion_jax.synth --out DIR --num N --seed S [--kinds ...] [--im
 [--workers K] [--difficulty easy|full]``.
 """
 from .engine import generate_dataset, split_sizes
-from .filters import (CountOverlapFilter, DerivableFilter, FilterChain, FilterContext, ModelScoreFilter,
-                      QAScorer, SpatialMarginFilter, TextLegibilityFilter, VisibilityFilter,
-                      default_filters, load_scorer)
+from .filters import (
+                      CountOverlapFilter,
+                      DerivableFilter,
+                      FilterChain,
+                      FilterContext,
+                      ModelScoreFilter,
+                      QAScorer,
+                      SpatialMarginFilter,
+                      TextLegibilityFilter,
+                      VisibilityFilter,
+                      default_filters,
+                      load_scorer,
+)
 from .pipeline import SynthConfig, SynthPipeline
 from .qa import Ambiguous, QAPair, TemplateQAWriter, evaluate
 from .render import ProceduralRenderer
-from .scene import (KINDS, Background, CaptionWriter, ImageGenerator, ProceduralSceneSampler, QAWriter,
-                    Scene, SceneObject, TemplateCaptionWriter, TextItem, get_palette)
+from .scene import (
+                      KINDS,
+                      Background,
+                      CaptionWriter,
+                      ImageGenerator,
+                      ProceduralSceneSampler,
+                      QAWriter,
+                      Scene,
+                      SceneObject,
+                      TemplateCaptionWriter,
+                      TextItem,
+                      get_palette,
+)
 from .writers import load_answers
 
 __all__ = [

@@ -5,7 +5,7 @@ import math
 import multiprocessing as mp
 import os
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from .pipeline import SynthConfig, SynthPipeline, encode_sample
 from .qa import SPATIAL_YESNO_FRACTION
@@ -14,7 +14,7 @@ from .writers import DatasetWriter, clear_output, read_summary, write_summary
 
 FORMAT_VERSION = 1
 
-_WORKER_PIPELINE: Optional[SynthPipeline] = None
+_WORKER_PIPELINE: SynthPipeline | None = None
 
 
 def _init_worker(pipeline: SynthPipeline):
@@ -36,15 +36,15 @@ def split_sizes(num: int, heldout_fraction: float) -> tuple:
     return num - n_eval, n_eval
 
 
-def generate_dataset(out_dir: str, num: int, seed: int = 0, *, kinds: Optional[Sequence[str]] = None,
+def generate_dataset(out_dir: str, num: int, seed: int = 0, *, kinds: Sequence[str] | None = None,
                      image_size: int = 384, workers: int = 1, heldout_fraction: float = 0.1,
-                     difficulty: str = "full", max_turns: Optional[int] = None,
-                     mc_fraction: Optional[float] = None, long_fraction: Optional[float] = None,
+                     difficulty: str = "full", max_turns: int | None = None,
+                     mc_fraction: float | None = None, long_fraction: float | None = None,
                      describe_fraction: float = 0.0, spatial_refs: str = "shape", locate_fraction: float = 0.0,
                      describe_positions: bool = False, spatial_order: str = "subject_first",
                      spatial_yesno_fraction: float = SPATIAL_YESNO_FRACTION, fonts: str = "builtin",
                      progress: bool = False, overwrite: bool = False,
-                     pipeline: Optional[SynthPipeline] = None, cache_key: Optional[dict] = None) -> dict:
+                     pipeline: SynthPipeline | None = None, cache_key: dict | None = None) -> dict:
     """Synthesize ``num`` samples into ``out_dir`` and return the summary dict.
 
     ``num`` counts all samples; ``round(num * heldout_fraction)`` of them (at least one when the

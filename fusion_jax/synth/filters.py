@@ -17,13 +17,14 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
-from typing import Any, Callable, Optional, Protocol, Sequence, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from .qa import Ambiguous, QAPair, evaluate, referenced_objects
 from .render import object_masks, visible_fractions
-from .scene import (Scene, color_distance, contrast_ratio, select, text_overlaps_objects)
+from .scene import Scene, color_distance, contrast_ratio, select, text_overlaps_objects
 
 
 @dataclasses.dataclass
@@ -49,7 +50,7 @@ class FilterContext:
 class DerivableFilter:
     """The answer recomputed from the description equals the stated one (and is unique)."""
 
-    def __call__(self, scene: Scene, qa: QAPair, ctx: FilterContext) -> Optional[str]:
+    def __call__(self, scene: Scene, qa: QAPair, ctx: FilterContext) -> str | None:
         try:
             truth = evaluate(scene, qa.spec)
         except Ambiguous as e:
@@ -74,7 +75,7 @@ class VisibilityFilter:
         self.min_visible = min_visible
         self.min_bg_distance = min_bg_distance
 
-    def __call__(self, scene: Scene, qa: QAPair, ctx: FilterContext) -> Optional[str]:
+    def __call__(self, scene: Scene, qa: QAPair, ctx: FilterContext) -> str | None:
         objs = referenced_objects(scene, qa.spec)
         if not objs:
             return None
@@ -100,7 +101,7 @@ class CountOverlapFilter:
         self.max_overlap = max_overlap
         self.max_count = max_count
 
-    def __call__(self, scene: Scene, qa: QAPair, ctx: FilterContext) -> Optional[str]:
+    def __call__(self, scene: Scene, qa: QAPair, ctx: FilterContext) -> str | None:
         if qa.spec["op"] not in ("count", "objects"):
             return None
         counted = select(scene, qa.spec["sel"]) if qa.spec["op"] == "count" else list(scene.objects)
@@ -131,7 +132,7 @@ class SpatialMarginFilter:
     def __init__(self, margin: float = 0.12):
         self.margin = margin
 
-    def __call__(self, scene: Scene, qa: QAPair, ctx: FilterContext) -> Optional[str]:
+    def __call__(self, scene: Scene, qa: QAPair, ctx: FilterContext) -> str | None:
         op = qa.spec["op"]
         if op == "side":  # one object's half of the image: its centre clear of the centre line
             objs = select(scene, qa.spec["sel"])
@@ -166,7 +167,7 @@ class TextLegibilityFilter:
         self.min_char_px = min_char_px
         self.min_contrast = min_contrast
 
-    def __call__(self, scene: Scene, qa: QAPair, ctx: FilterContext) -> Optional[str]:
+    def __call__(self, scene: Scene, qa: QAPair, ctx: FilterContext) -> str | None:
         if qa.spec["op"] not in ("read_text", "text_color"):
             return None
         for t in scene.texts:
@@ -204,7 +205,7 @@ class ModelScoreFilter:
         self.scorer = scorer
         self.threshold = threshold
 
-    def __call__(self, scene: Scene, qa: QAPair, ctx: FilterContext) -> Optional[str]:
+    def __call__(self, scene: Scene, qa: QAPair, ctx: FilterContext) -> str | None:
         if ctx.image is None:
             return None
         s = float(self.scorer(ctx.image, qa.question, qa.answer))
@@ -227,10 +228,10 @@ def default_filters() -> list:
 
 
 class FilterChain:
-    def __init__(self, filters: Optional[Sequence] = None):
+    def __init__(self, filters: Sequence | None = None):
         self.filters = list(default_filters() if filters is None else filters)
 
-    def reject_reason(self, scene: Scene, qa: QAPair, ctx: FilterContext) -> Optional[str]:
+    def reject_reason(self, scene: Scene, qa: QAPair, ctx: FilterContext) -> str | None:
         for f in self.filters:
             r = f(scene, qa, ctx)
             if r is not None:

@@ -8,16 +8,22 @@ the work is spread over processes.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from .filters import FilterChain, FilterContext, ModelScoreFilter
-from .qa import (SHORT_SUFFIX, SPATIAL_ORDERS, SPATIAL_REFS, SPATIAL_YESNO_FRACTION, QAPair, TemplateQAWriter,
-                 qa_to_dict)
+from .qa import SHORT_SUFFIX, SPATIAL_ORDERS, SPATIAL_REFS, SPATIAL_YESNO_FRACTION, QAPair, TemplateQAWriter, qa_to_dict
 from .render import ProceduralRenderer, png_bytes
-from .scene import (KINDS, CaptionWriter, ImageGenerator, ProceduralSceneSampler, QAWriter,
-                    TemplateCaptionWriter, get_palette)
+from .scene import (
+    KINDS,
+    CaptionWriter,
+    ImageGenerator,
+    ProceduralSceneSampler,
+    QAWriter,
+    TemplateCaptionWriter,
+    get_palette,
+)
 
 SPLITS = {"train": 0, "eval": 1}
 IMAGE_TOKEN = "<image>"
@@ -28,9 +34,9 @@ class SynthConfig:
     kinds: tuple = KINDS
     image_size: int = 384
     difficulty: str = "full"  # 'easy' (tiny models) or 'full'
-    max_turns: Optional[int] = None  # turns per training conversation (default: easy 2, full 4)
-    mc_fraction: Optional[float] = None  # default: easy 0.15, full 0.25
-    long_fraction: Optional[float] = None  # default: easy 0.0, full 0.3
+    max_turns: int | None = None  # turns per training conversation (default: easy 2, full 4)
+    mc_fraction: float | None = None  # default: easy 0.15, full 0.25
+    long_fraction: float | None = None  # default: easy 0.0, full 0.3
     # probability that a training conversation ends with "Which shapes are in the image?"
     # (all objects by colour and shape; needs a QA writer with ``describe``)
     describe_fraction: float = 0.0
@@ -49,7 +55,7 @@ class SynthConfig:
     fonts: str = "builtin"
     max_attempts: int = 40
 
-    def resolved(self) -> "SynthConfig":
+    def resolved(self) -> SynthConfig:
         easy = self.difficulty == "easy"
         get_palette(self.difficulty)
         bad = [k for k in self.kinds if k not in KINDS]
@@ -100,9 +106,9 @@ def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
 class SynthPipeline:
     """Holds the (pluggable) stages. Components must be picklable to use ``workers > 1``."""
 
-    def __init__(self, config: SynthConfig = SynthConfig(), *, caption_writer: Optional[CaptionWriter] = None,
-                 image_generator: Optional[ImageGenerator] = None, qa_writer: Optional[QAWriter] = None,
-                 filters: Optional[Sequence] = None, scene_sampler=None, scorer=None,
+    def __init__(self, config: SynthConfig = SynthConfig(), *, caption_writer: CaptionWriter | None = None,
+                 image_generator: ImageGenerator | None = None, qa_writer: QAWriter | None = None,
+                 filters: Sequence | None = None, scene_sampler=None, scorer=None,
                  scorer_threshold: float = 0.5):
         self.config = config.resolved()
         c = self.config

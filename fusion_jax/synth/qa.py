@@ -9,12 +9,10 @@ existence, text reading and scene (caption, shape). Styles: ``short`` (a word or
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import numpy as np
 
-from .scene import (Palette, Scene, location_phrase, noun_phrase, number_word, select,
-                    unique_selector)
+from .scene import Palette, Scene, location_phrase, noun_phrase, number_word, select, unique_selector
 
 SHORT_SUFFIX = "Answer the question using a single word or phrase."
 MC_SUFFIX = "Answer with the option's letter from the given choices directly."
@@ -34,7 +32,7 @@ class QAPair:
     answer_text: str  # the underlying answer (e.g. 'red'), what evaluate(spec) must return
     style: str  # short | long | mc
     spec: dict
-    choices: Optional[list] = None
+    choices: list | None = None
     chance: float = 0.0  # probability a uniform guess over the answer space is right
 
 
@@ -365,7 +363,7 @@ class TemplateQAWriter:
                 out.append(cap)
         return out
 
-    def describe(self, scene: Scene, rng: np.random.Generator) -> Optional[QAPair]:
+    def describe(self, scene: Scene, rng: np.random.Generator) -> QAPair | None:
         """'Which shapes are in the image?' answered with every object: a dense, binding-heavy
         training turn (each colour word must match its shape). None for a scene without objects."""
         if not scene.objects:
@@ -376,7 +374,7 @@ class TemplateQAWriter:
         ans = evaluate(scene, spec)
         return QAPair("scene", "objects", q, ans[0].upper() + ans[1:] + ".", ans, "long", spec)
 
-    def locate(self, scene: Scene, rng: np.random.Generator, min_offset: float = 0.15) -> Optional[QAPair]:
+    def locate(self, scene: Scene, rng: np.random.Generator, min_offset: float = 0.15) -> QAPair | None:
         """'Is the circle on the left or the right side of the image?': one object's absolute
         position, a training turn that needs one lookup where a relation needs two (the step
         before comparing). None when no nameable object lies ``min_offset`` off a centre line."""

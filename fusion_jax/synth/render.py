@@ -15,7 +15,7 @@ import glob
 import io
 import math
 import os
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -96,7 +96,7 @@ def visible_fractions(scene: Scene, res: int = 96) -> np.ndarray:
     return fr
 
 
-@lru_cache(maxsize=None)
+@cache
 def _system_font_files() -> tuple:
     files = []
     for d in SYSTEM_FONT_DIRS:

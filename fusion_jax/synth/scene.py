@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional, Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -176,7 +177,7 @@ class Scene:
         return _round_floats(dataclasses.asdict(self))
 
     @staticmethod
-    def from_dict(d: dict) -> "Scene":
+    def from_dict(d: dict) -> Scene:
         d = dict(d)
         bg = d.pop("background")
         bg = Background(**{**bg, "rgb": tuple(bg["rgb"]), "rgb2": tuple(bg["rgb2"])})
@@ -249,7 +250,7 @@ def noun_phrase(sel: dict, article: str = "the", n: int = 1) -> str:
     return f"{article} {phrase}".strip() if article else phrase
 
 
-def unique_selector(scene: Scene, obj: SceneObject, exclude: Sequence[str] = ()) -> Optional[dict]:
+def unique_selector(scene: Scene, obj: SceneObject, exclude: Sequence[str] = ()) -> dict | None:
     """Shortest selector (by attributes, never mentioning ``exclude``) that picks out only obj."""
     attrs = [a for a in ("color", "size") if a not in exclude]
     candidates = [()]
@@ -336,7 +337,7 @@ class ProceduralSceneSampler:
     objects never touch; smaller values let them overlap (the filters then drop QA pairs that
     become ambiguous)."""
 
-    def __init__(self, allow_overlap_prob: float = 0.15, image_size: Optional[int] = None,
+    def __init__(self, allow_overlap_prob: float = 0.15, image_size: int | None = None,
                  min_text_px: float = 9.0, min_radius_px: float = 3.5):
         self.allow_overlap_prob = allow_overlap_prob
         # The description stays resolution-free, but when the target size is known we keep
@@ -410,7 +411,7 @@ class ProceduralSceneSampler:
                                     outline=outline))
         return objs
 
-    def _text(self, rng, p: Palette, bg: Background, idx: int, taken) -> Optional[TextItem]:
+    def _text(self, rng, p: Palette, bg: Background, idx: int, taken) -> TextItem | None:
         word = p.words[int(rng.integers(len(p.words)))]
         lo, hi = p.text_height
         lo, hi = max(lo, self.min_text_frac), max(hi, min(0.4, self.min_text_frac * 1.3))
@@ -442,7 +443,7 @@ class ProceduralSceneSampler:
                 return scene
         raise RuntimeError("could not sample a scene")  # pragma: no cover
 
-    def _try_sample(self, kind, rng, p) -> Optional[Scene]:
+    def _try_sample(self, kind, rng, p) -> Scene | None:
         bg = self._background(rng, p)
         colors = self._colors_for(bg, p)
         if len(colors) < 3:

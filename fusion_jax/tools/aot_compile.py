@@ -106,6 +106,7 @@ def build_mesh(devices, shape):
     import jax
     import numpy as np
     from jax.sharding import Mesh
+
     from fusion_jax.sharding import MESH_AXES, resolve_mesh_shape
     shape = resolve_mesh_shape(shape, len(devices))
     try:
@@ -153,6 +154,7 @@ def aot_compile(tc, topology: str, *, mesh_shape=None, remat: str | None = None,
                 log=lambda s: None) -> dict:
     """Lower and compile `tc`'s train step for `topology`; returns the report dict."""
     import jax
+
     from fusion_jax.train import flops as flops_lib
     from fusion_jax.train import step as step_lib
     from fusion_jax.train.loop import Setup

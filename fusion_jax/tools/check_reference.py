@@ -35,8 +35,8 @@ def _compare(name, got, want, atol, rtol, exact=False):
 
 
 def _layout(cfg, inp, labels, q):
-    from fusion_jax.layout import build_layout
     from fusion_jax.constants import INSTRUCT_INDEX
+    from fusion_jax.layout import build_layout
     ids = inp["input_ids"]
     mask = inp["attention_mask"] if "attention_mask" in inp else np.ones(ids.shape, bool)
     n_q = 1 if labels is None else max(1, int((labels == INSTRUCT_INDEX).sum(-1).max()))
@@ -80,6 +80,7 @@ def run(case_dir, atol=1e-4, rtol=1e-4) -> bool:
 def _check_generation(model, cfg, inp, ref, q, labels, suffix, atol, rtol):
     import jax
     import jax.numpy as jnp
+
     from fusion_jax.generate import generate
     want = ref["generated_ids" + suffix]
     lay = {k: jnp.asarray(v) for k, v in _layout(cfg, inp, labels, q).items()}

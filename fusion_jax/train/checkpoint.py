@@ -199,6 +199,7 @@ def load_params(path: str, *, mesh=None, dtype: str | None = None, **overrides):
     import jax.numpy as jnp
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
+
     from fusion_jax.train.step import abstract_model
     sd = resolve_step_dir(path)
     cfg = read_model_config(sd)

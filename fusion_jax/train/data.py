@@ -19,6 +19,7 @@ def _system_text(template: str | None) -> str:
     if not template:
         return ""
     import re
+
     from fusion_jax.data.templates import get_template
     return re.sub(r"<\|[^|>]*\|>|<\|[^>]*>", " ", get_template(template).system).strip()
 
@@ -115,7 +116,9 @@ def build_iterator(dc, model_cfg, tokenizer, *, per_process_batch: int, seed: in
 def to_device_batch(batch: dict, mesh) -> dict:
     """Host-local numpy batch -> global arrays sharded over data x fsdp (model keys only)."""
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
     from fusion_jax.train.step import BATCH_AXES, BATCH_KEYS
     out = {}
     for k in BATCH_KEYS:

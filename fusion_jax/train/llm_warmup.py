@@ -20,7 +20,6 @@ from flax import nnx
 from fusion_jax.config import FusionConfig
 from fusion_jax.train.tower_warmup import read_scenes
 
-
 # the decoder's parameters; the tower, projectors and interaction layers never see text here
 DECODER = ("embed_tokens", "layers", "norm")
 

@@ -16,7 +16,8 @@ from fusion_jax.config import FusionConfig, parse_query_len
 from fusion_jax.sharding import make_mesh, spec_for
 from fusion_jax.train import checkpoint as ckpt_lib
 from fusion_jax.train import flops as flops_lib
-from fusion_jax.train import optim, presets, step as step_lib
+from fusion_jax.train import optim, presets
+from fusion_jax.train import step as step_lib
 
 
 class TrainingError(RuntimeError):

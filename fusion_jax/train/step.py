@@ -15,12 +15,13 @@ AOT: `jax.jit` with explicit in/out shardings; `lower_train_step` lowers it from
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from fusion_jax import loss as L
 from fusion_jax.config import FusionConfig
