@@ -36,6 +36,7 @@ import platform
 import statistics
 import sys
 import time
+from functools import partial
 
 import numpy as np
 
@@ -72,7 +73,8 @@ def small_config(ref: dict, **over):
               sampler_stride=fj["stride_of_vision_sampler_layers"], sampler_heads=16,
               window_size=fj["window_size"], query_len=(16,), max_length=fj["tokenizer_model_max_length"],
               mm_vision_tower="small-siglip", compute_dtype="float32", param_dtype="float32",
-              scan_layers=True, remat_policy="none")
+              scan_layers=True, remat_policy="none",
+              linear_2d=True, ce_skip_empty_chunks=True, attention_impl="loop")   # one CPU device
     kw.update(over)
     return FusionConfig(**kw)
 
@@ -84,7 +86,13 @@ def _pixels(cfg) -> int:
 def train_batch(cfg, seed=0) -> dict:
     """2 samples shaped like the reference's: sys 40 / question 60 / answer 163 text tokens,
     1 question, 1024 spliced tokens, 60 instruct tokens, q = 16."""
-    from fusion_jax.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX, INSTRUCT_INDEX, LATENT_IMAGE_TOKEN_INDEX
+    from fusion_jax.constants import (
+        IGNORE_INDEX,
+        IMAGE_TOKEN_INDEX,
+        INSTRUCT_INDEX,
+        LATENT_IMAGE_TOKEN_INDEX,
+        NUM_CROPS,
+    )
     from fusion_jax.layout import build_layout
     rng = np.random.default_rng(seed)
     V = cfg.llm.vocab_size
@@ -100,13 +108,13 @@ def train_batch(cfg, seed=0) -> dict:
     lay = build_layout(ids, labs, ins, num_image_tokens=cfg.num_image_tokens, query_len=16, max_questions=1,
                        seq_len=1024, instruct_len=60, max_length=cfg.max_length)
     px = _pixels(cfg)
-    lay["images"] = rng.uniform(-1, 1, (2, 5, 3, px, px)).astype(np.float32)
+    lay["images"] = rng.uniform(-1, 1, (2, NUM_CROPS, 3, px, px)).astype(np.float32)
     return lay
 
 
 def gen_batch(cfg, seed=1) -> dict:
     """1 sample: 281 prompt ids (sys 200 / question 64 + template) -> 1024 spliced, 64 instructs."""
-    from fusion_jax.constants import IMAGE_TOKEN_INDEX, LATENT_IMAGE_TOKEN_INDEX
+    from fusion_jax.constants import IMAGE_TOKEN_INDEX, LATENT_IMAGE_TOKEN_INDEX, NUM_CROPS
     from fusion_jax.generate import layout_padded
     rng = np.random.default_rng(seed)
     V = cfg.llm.vocab_size
@@ -114,7 +122,7 @@ def gen_batch(cfg, seed=1) -> dict:
     ids = np.concatenate([[1], rng.integers(3, V, 199), [LATENT_IMAGE_TOKEN_INDEX, IMAGE_TOKEN_INDEX],
                           q, rng.integers(3, V, 15)])
     px = _pixels(cfg)
-    imgs = rng.uniform(-1, 1, (1, 5, 3, px, px)).astype(np.float32)
+    imgs = rng.uniform(-1, 1, (1, NUM_CROPS, 3, px, px)).astype(np.float32)
     return layout_padded(cfg, [ids], [q], imgs, query_len=16)
 
 
@@ -189,8 +197,7 @@ def bench_generate(cfg, warmup, steps, new_tokens=32):
     from fusion_jax.model import FusionForCausalLM
     model = FusionForCausalLM(cfg, rngs=nnx.Rngs(0))
     b = {k: jax.numpy.asarray(v) for k, v in gen_batch(cfg).items()}
-    fn = lambda: generate(model, b, max_new_tokens=new_tokens, eos_ids=())["tokens"]
-    r = _time(fn, warmup, steps)
+    r = _time(lambda: generate(model, b, max_new_tokens=new_tokens, eos_ids=())["tokens"], warmup, steps)
     r["tokens_per_s"] = new_tokens / r["median_s"]
     r["prompt_len"] = int(b["token_ids"].shape[1])
     return r
@@ -202,12 +209,12 @@ def profile_parts(cfg, warmup=1, steps=3):
     import jax.numpy as jnp
     from flax import nnx
 
+    from fusion_jax.constants import MAIN_VIEW, NUM_TILES
     from fusion_jax.model import FusionForCausalLM
     model = FusionForCausalLM(cfg, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     params = state.to_pure_dict()
     batch = {k: jnp.asarray(v) for k, v in train_batch(cfg).items()}
-    P = cfg.vision.num_patches
     out = {}
 
     def g(f):
@@ -218,10 +225,10 @@ def profile_parts(cfg, warmup=1, steps=3):
 
     def tower_main(m):
         st = m.model.aux_projector(m.model.embed_tokens(batch["instructs"]))
-        return m.model.vision_tower(imgs[:, 4], st, batch["instruct_mask"])[0]
+        return m.model.vision_tower(imgs[:, MAIN_VIEW], st, batch["instruct_mask"])[0]
 
     def tower_tiles(m):
-        return m.model.vision_tower(imgs[:, :4].reshape((B * 4,) + imgs.shape[2:]))[0]
+        return m.model.vision_tower(imgs[:, :NUM_TILES].reshape((B * NUM_TILES,) + imgs.shape[2:]))[0]
 
     def full_encode(m):
         e = m.encode(batch, 16)
@@ -241,8 +248,7 @@ def profile_parts(cfg, warmup=1, steps=3):
                     ("encode total (both passes + projectors + pooling)", full_encode),
                     ("decoder + lm_head, no CARD (2 x 1024 tok)", llm_only),
                     ("lm_head only (2 x 1024 x 32064)", head_only)]:
-        fn = g(f)
-        out[name] = _time(lambda: fn(params), warmup, steps)["median_s"]
+        out[name] = _time(partial(g(f), params), warmup, steps)["median_s"]
         print(f"  {name:55s} fwd+bwd {out[name]:.3f} s", flush=True)
     return out
 

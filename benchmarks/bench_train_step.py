@@ -28,32 +28,32 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def synthetic_batch(cfg, B, S, q, L=2, T=64, seed=0):
-    from fusion_jax.constants import IMAGE_TOKEN_INDEX, INSTRUCT_INDEX, LATENT_IMAGE_TOKEN_INDEX
+def synthetic_batch(cfg, B, S, q, n_q=2, T=64, seed=0):
+    from fusion_jax.constants import IMAGE_TOKEN_INDEX, INSTRUCT_INDEX, LATENT_IMAGE_TOKEN_INDEX, NUM_CROPS
     from fusion_jax.layout import build_layout
     rng = np.random.default_rng(seed)
     V = cfg.llm.vocab_size
     ids, lab, ins = [], [], []
-    n_txt = max(16, S - cfg.num_image_tokens - L * q - 2)
+    n_txt = max(16, S - cfg.num_image_tokens - n_q * q - 2)
     for _ in range(B):
         parts, labs = [[1]], [[-100]]
-        per = (n_txt - 1) // L
-        for k in range(L):
+        per = (n_txt - 1) // n_q
+        for k in range(n_q):
             ph = [LATENT_IMAGE_TOKEN_INDEX] + ([IMAGE_TOKEN_INDEX] if k == 0 else [])
             qn, an = per // 3, per - per // 3
             qq, aa = rng.integers(3, V, qn), rng.integers(3, V, an)
             parts += [ph, qq, aa]
-            l = np.full(len(ph) + qn, -100)
-            l[-1] = INSTRUCT_INDEX
-            labs += [l, aa]
+            q_lab = np.full(len(ph) + qn, -100)
+            q_lab[-1] = INSTRUCT_INDEX
+            labs += [q_lab, aa]
             if k == 0:
                 ins.append(qq[:T])
         ids.append(np.concatenate(parts)), lab.append(np.concatenate(labs))
-    b = build_layout(ids, lab, ins, num_image_tokens=cfg.num_image_tokens, query_len=q, max_questions=L,
+    b = build_layout(ids, lab, ins, num_image_tokens=cfg.num_image_tokens, query_len=q, max_questions=n_q,
                      seq_len=S, instruct_len=T, max_length=S)
     v = cfg.vision
     px = (v.image_size // v.patch_size) * v.patch_size   # the pixels a VALID patch conv reads
-    b["images"] = rng.uniform(-1, 1, (B, 5, 3, px, px)).astype(np.float32)
+    b["images"] = rng.uniform(-1, 1, (B, NUM_CROPS, 3, px, px)).astype(np.float32)
     return b
 
 
@@ -91,9 +91,10 @@ def main(argv=None):
     a = p.parse_args(argv)
     import jax
 
+    from fusion_jax.sharding import shard_batch
     from fusion_jax.tools.aot_compile import load_train_config, parse_mesh
     from fusion_jax.train import flops, loop
-    from fusion_jax.train.data import to_device_batch
+    from fusion_jax.train.step import model_batch
     tc = load_train_config(a.config)
     with tc.unlocked():
         tc.global_batch_size, tc.grad_accum, tc.mesh = a.batch, a.grad_accum, parse_mesh(a.mesh)
@@ -114,8 +115,8 @@ def main(argv=None):
     t0 = time.perf_counter()
     s = loop.Setup(tc, None, model_cfg=cfg)
     state = s.init_state()
-    raw = synthetic_batch(cfg, a.batch, S, q, L=a.questions, T=a.instruct_len)
-    batch = to_device_batch(raw, s.mesh)
+    raw = synthetic_batch(cfg, a.batch, S, q, n_q=a.questions, T=a.instruct_len)
+    batch = shard_batch(model_batch(raw), s.mesh)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(s.abstract_params))
     t_setup = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -153,10 +154,13 @@ def main(argv=None):
 
         from fusion_jax.generate import generate
         model = nnx.merge(s.graphdef, state["params"])
-        gb = synthetic_batch(cfg, 1, min(S, cfg.num_image_tokens + q + 128), q, L=1, T=a.instruct_len, seed=1)
+        gb = synthetic_batch(cfg, 1, min(S, cfg.num_image_tokens + q + 128), q, n_q=1, T=a.instruct_len, seed=1)
         gb.pop("labels")
         gb = {k: jax.numpy.asarray(v) for k, v in gb.items()}
-        run = lambda: jax.block_until_ready(generate(model, gb, max_new_tokens=a.generate, eos_ids=())["tokens"])
+
+        def run():
+            return jax.block_until_ready(generate(model, gb, max_new_tokens=a.generate, eos_ids=())["tokens"])
+
         t0 = time.perf_counter()
         run()
         first = time.perf_counter() - t0
