@@ -85,16 +85,16 @@ def spec_for(axes: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh
 
 def logical_shardings(state: nnx.State, mesh: Mesh, rules=RULES) -> dict:
     """NamedSharding of every Variable of `state` (abstract or concrete) from its `logical_axes`,
-    as a pure dict shaped like `state.to_pure_dict()`."""
+    as a pure dict shaped like `nnx.to_pure_dict(state)`."""
     def one(v):
         return NamedSharding(mesh, spec_for(v.get_metadata().get("logical_axes"), v.get_value().shape, mesh, rules))
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
+    return nnx.to_pure_dict(jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
 def shard_model(model, mesh: Mesh, rules=RULES):
     """Place a model's parameters on `mesh` according to the rules (in place)."""
     state = nnx.state(model)
-    nnx.replace_by_pure_dict(state, jax.device_put(state.to_pure_dict(), logical_shardings(state, mesh, rules)))
+    nnx.replace_by_pure_dict(state, jax.device_put(nnx.to_pure_dict(state), logical_shardings(state, mesh, rules)))
     nnx.update(model, state)
     return model
 
