@@ -37,7 +37,7 @@ def interaction_flops(cfg: FusionConfig, query_len: int, max_questions: int) -> 
                  + 2 * n_lat * D * D * 2       # q, o
                  + 4 * n_lat * w2 * D          # scores + weighted sum
                  + 2 * n_lat * 2 * D * D)      # MLP
-    return len(cfg.sampler_after) * per_layer
+    return len(cfg.interaction_after) * per_layer
 
 
 def projector_flops(cfg: FusionConfig, instruct_len: int) -> float:
