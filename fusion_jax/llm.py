@@ -164,11 +164,11 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
-def causal_keep(attention_mask, q_positions=None, kv_len=None):
+def causal_keep(attention_mask, q_positions=None):
     """[B, Q, K] bool: key valid and not in the future.
 
-    Without a cache, Q = K = S and position = index. With a cache of kv_len slots,
-    `q_positions` [B, Q] are the absolute slot indices of the queries.
+    Without a cache, Q = K = S and position = index. With a cache (attention_mask over its
+    K slots), `q_positions` [B, Q] are the absolute slot indices of the queries.
     """
     B, K = attention_mask.shape
     kidx = jnp.arange(K)

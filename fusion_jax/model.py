@@ -136,7 +136,7 @@ class FusionForCausalLM(nnx.Module):
             h, refined = layer(h, batch["instruct_pos"], batch["latent_pos"], windows)
             return constrain(h, "batch", None, None), refined.astype(h.dtype)
 
-        def skip(h, k):
+        def skip(h, _):
             return h, jnp.zeros((B, lq, D), h.dtype)
 
         def body(layer, c, inp):
