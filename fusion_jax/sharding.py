@@ -65,7 +65,7 @@ def spec_for(axes: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh
     table = dict(rules)
     used: set[str] = set()
     out = []
-    for name, dim in zip(axes, shape, strict=True):
+    for name, dim in zip(axes, shape, strict=False):  # fewer axes than dims: the rest replicate
         target = table.get(name) if name is not None else None
         if target is None:
             out.append(None)

@@ -121,3 +121,11 @@ def test_unrefined_latent_blocks_hold_initial_latents():
     assert (fill >= 0).sum() == 12 and (lay["latent_pos"][0] >= 0).sum() == 4
     init = np.broadcast_to(np.asarray(enc["init_latent"])[0], (3, 4, 64))
     np.testing.assert_allclose(x[0, fill].reshape(3, 4, -1), init, atol=1e-6)
+
+
+def test_old_fusion_config_json_still_loads():
+    """Retired switches (off by default) in an older fusion_config.json are dropped on load."""
+    from fusion_jax.config import FusionConfig
+    d = tiny_config("phi3").to_dict()
+    cfg = FusionConfig.from_dict(dict(d, ce_turn_power=0.0, vision_posemb_init="normal"))
+    assert cfg == tiny_config("phi3") and not cfg.linear_2d and not cfg.ce_skip_empty_chunks
