@@ -103,18 +103,15 @@ def parse_mesh(s) -> tuple[int, ...]:
 
 
 def build_mesh(devices, shape):
-    import jax
-    import numpy as np
-    from jax.sharding import Mesh
+    """`sharding.make_mesh` over `devices`, in mesh_utils' ICI-aware order where it maps the shape (TPU)."""
+    from jax.experimental import mesh_utils
 
-    from fusion_jax.sharding import MESH_AXES, resolve_mesh_shape
-    shape = resolve_mesh_shape(shape, len(devices))
+    from fusion_jax.sharding import make_mesh, resolve_mesh_shape
     try:
-        from jax.experimental import mesh_utils
-        arr = mesh_utils.create_device_mesh(shape, devices)   # ICI-aware order on TPU
+        devices = list(mesh_utils.create_device_mesh(resolve_mesh_shape(shape, len(devices)), devices).flat)
     except Exception:  # noqa: BLE001  (CPU devices or shapes the helper does not map)
-        arr = np.asarray(devices).reshape(shape)
-    return Mesh(arr, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+        pass
+    return make_mesh(shape, devices)
 
 
 # ----------------------------------------------------------------------------- compile
