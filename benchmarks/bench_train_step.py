@@ -70,6 +70,35 @@ def device_name():
     return f"{d.platform}: {d.device_kind}"
 
 
+def time_generate(s, state, cfg, S, q, instruct_len, new_tokens) -> dict:
+    """Greedy generation of `new_tokens` tokens, batch 1, end to end (median of 3 after a first call)."""
+    import jax
+    from flax import nnx
+
+    from fusion_jax.generate import generate
+    model = nnx.merge(s.graphdef, state["params"])
+    gb = synthetic_batch(cfg, 1, min(S, cfg.num_image_tokens + q + 128), q, n_q=1, T=instruct_len, seed=1)
+    gb.pop("labels")
+    gb = {k: jax.numpy.asarray(v) for k, v in gb.items()}
+
+    def run():
+        return jax.block_until_ready(generate(model, gb, max_new_tokens=new_tokens, eos_ids=())["tokens"])
+
+    t0 = time.perf_counter()
+    run()
+    first = time.perf_counter() - t0
+    gt = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        run()
+        gt.append(time.perf_counter() - t0)
+    r = {"new_tokens": new_tokens, "prompt_len": int(gb["token_ids"].shape[1]), "first_call_s": first,
+         "median_s": statistics.median(gt), "tokens_per_s": new_tokens / statistics.median(gt)}
+    print(f"generate: batch 1, prompt {r['prompt_len']} spliced, {new_tokens} greedy tokens "
+          f"end to end: {r['tokens_per_s']:.1f} tok/s (first call {first:.1f}s)", flush=True)
+    return r
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"))
@@ -150,30 +179,7 @@ def main(argv=None):
           f"step {dt * 1e3:.1f} ms | {res['tokens_per_s_per_device']:,.0f} tok/s/device | "
           f"{res['model_tflops_per_s_per_device']:.2f} TFLOP/s/device | MFU {mfu}", flush=True)
     if a.generate:
-        from flax import nnx
-
-        from fusion_jax.generate import generate
-        model = nnx.merge(s.graphdef, state["params"])
-        gb = synthetic_batch(cfg, 1, min(S, cfg.num_image_tokens + q + 128), q, n_q=1, T=a.instruct_len, seed=1)
-        gb.pop("labels")
-        gb = {k: jax.numpy.asarray(v) for k, v in gb.items()}
-
-        def run():
-            return jax.block_until_ready(generate(model, gb, max_new_tokens=a.generate, eos_ids=())["tokens"])
-
-        t0 = time.perf_counter()
-        run()
-        first = time.perf_counter() - t0
-        gt = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            run()
-            gt.append(time.perf_counter() - t0)
-        res["generate"] = {"new_tokens": a.generate, "prompt_len": int(gb["token_ids"].shape[1]),
-                           "first_call_s": first, "median_s": statistics.median(gt),
-                           "tokens_per_s": a.generate / statistics.median(gt)}
-        print(f"generate: batch 1, prompt {res['generate']['prompt_len']} spliced, {a.generate} greedy tokens "
-              f"end to end: {res['generate']['tokens_per_s']:.1f} tok/s (first call {first:.1f}s)", flush=True)
+        res["generate"] = time_generate(s, state, cfg, S, q, a.instruct_len, a.generate)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)
