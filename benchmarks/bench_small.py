@@ -279,7 +279,44 @@ def flop_floor(cfg, rate: float) -> dict:
             "train_step_floor_s": train / rate, "generate_floor_s": gen / rate}
 
 
-def main(argv=None):
+def compare_with_torch(res: dict, tb: dict):
+    """Speedups against the same-machine torch stand-in (a lower bound on the reference's time)."""
+    if "train_step" in tb and "train" in res:
+        r = res["train"]
+        r["speedup_vs_torch_baseline"] = tb["train_step"]["median_s"] / r["train_step"]["median_s"]
+        print(f"train step vs same-machine torch baseline {tb['train_step']['median_s']:.3f} s (lower bound) -> "
+              f"{r['speedup_vs_torch_baseline']:.2f}x (recorded reference: {r['speedup_vs_reference']:.2f}x)",
+              flush=True)
+    if "generate" in tb and "generate" in res:
+        g = res["generate"]
+        g["speedup_vs_torch_baseline"] = g["tokens_per_s"] / tb["generate"]["tokens_per_s"]
+        print(f"generation vs same-machine torch baseline {tb['generate']['tokens_per_s']:.1f} tok/s (lower "
+              f"bound) -> {g['speedup_vs_torch_baseline']:.2f}x (recorded reference: "
+              f"{g['speedup_vs_reference']:.2f}x)", flush=True)
+
+
+def run_torch_baseline(ref: dict, res: dict, a) -> dict:
+    """Times the same-machine torch stand-in (torch_small_baseline.py) against the recorded reference."""
+    from torch_small_baseline import bench as torch_bench
+    rt, rg = ref["reference_pytorch_cpu"]["training_step"], ref["reference_pytorch_cpu"]["generation"]
+    tb = torch_bench(ref, _time, a.warmup, a.torch_steps or a.steps, a.gen_runs,
+                     log=lambda m: print(m, flush=True), smoke=a.smoke)
+    res["torch_baseline"] = tb
+    if a.smoke:
+        print("  (--smoke: 2-layer towers, 1 crop per sample; the ratios below mean nothing)", flush=True)
+    # > 1: this machine + the stand-in beat the recorded run on the other CPU
+    if "train_step" in tb:
+        x = rt["train_step_seconds_median"] / tb["train_step"]["median_s"]
+        print(f"  (this baseline runs at {x:.2f}x the speed of the recorded reference, "
+              f"{rt['train_step_seconds_median']:.2f} s on the other CPU)", flush=True)
+    if "generate" in tb:
+        x = tb["generate"]["tokens_per_s"] / rg["tokens_per_second_end_to_end"]
+        print(f"  (this baseline runs at {x:.2f}x the speed of the recorded reference, "
+              f"{rg['tokens_per_second_end_to_end']:.2f} tok/s on the other CPU)", flush=True)
+    return tb
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -301,6 +338,11 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.torch_after and not a.torch_baseline:
         p.error("--torch-after needs --torch-baseline")
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
     import jax
     jax.config.update("jax_default_matmul_precision", a.precision)
     ref = load_reference()
@@ -319,23 +361,7 @@ def main(argv=None):
           f"{rt['train_step_seconds_median'] / 2:.2f} s), generation {fl['generate_flops'] / 1e9:.0f} GFLOP = "
           f"{fl['generate_floor_s']:.2f} s (goal needs <= {32 / (3 * rg['tokens_per_second_end_to_end']):.2f} s)",
           flush=True)
-    def torch_part():
-        from torch_small_baseline import bench as torch_bench
-        tb = torch_bench(ref, _time, a.warmup, a.torch_steps or a.steps, a.gen_runs,
-                         log=lambda m: print(m, flush=True), smoke=a.smoke)
-        res["torch_baseline"] = tb
-        if a.smoke:
-            print("  (--smoke: 2-layer towers, 1 crop per sample; the ratios below mean nothing)", flush=True)
-        # > 1: this machine + the stand-in beat the recorded run on the other CPU
-        if "train_step" in tb:
-            x = rt["train_step_seconds_median"] / tb["train_step"]["median_s"]
-            print(f"  (this baseline runs at {x:.2f}x the speed of the recorded reference, "
-                  f"{rt['train_step_seconds_median']:.2f} s on the other CPU)", flush=True)
-        if "generate" in tb:
-            x = tb["generate"]["tokens_per_s"] / rg["tokens_per_second_end_to_end"]
-            print(f"  (this baseline runs at {x:.2f}x the speed of the recorded reference, "
-                  f"{rg['tokens_per_second_end_to_end']:.2f} tok/s on the other CPU)", flush=True)
-        return tb
+    torch_part = partial(run_torch_baseline, ref, res, a)
 
     # default: before the JAX runs, so its models are freed before theirs are built;
     # --torch-after checks that the order does not favour either side
@@ -363,18 +389,8 @@ def main(argv=None):
               f"{g['speedup_vs_reference']:.2f}x (goal >= 3x)", flush=True)
     if a.torch_baseline and a.torch_after:
         tb = torch_part()
-    if tb and "train_step" in tb and "train" in res:
-        r = res["train"]
-        r["speedup_vs_torch_baseline"] = tb["train_step"]["median_s"] / r["train_step"]["median_s"]
-        print(f"train step vs same-machine torch baseline {tb['train_step']['median_s']:.3f} s (lower bound) -> "
-              f"{r['speedup_vs_torch_baseline']:.2f}x (recorded reference: {r['speedup_vs_reference']:.2f}x)",
-              flush=True)
-    if tb and "generate" in tb and "generate" in res:
-        g = res["generate"]
-        g["speedup_vs_torch_baseline"] = g["tokens_per_s"] / tb["generate"]["tokens_per_s"]
-        print(f"generation vs same-machine torch baseline {tb['generate']['tokens_per_s']:.1f} tok/s (lower "
-              f"bound) -> {g['speedup_vs_torch_baseline']:.2f}x (recorded reference: "
-              f"{g['speedup_vs_reference']:.2f}x)", flush=True)
+    if tb:
+        compare_with_torch(res, tb)
     if a.variants:
         res["variants"] = {}
         for name, over in [("unrolled layers (scan_layers=False)", dict(scan_layers=False)),

@@ -99,7 +99,7 @@ def time_generate(s, state, cfg, S, q, instruct_len, new_tokens) -> dict:
     return r
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"))
     p.add_argument("--batch", type=int, default=8)
@@ -117,7 +117,11 @@ def main(argv=None):
     p.add_argument("--vocab", type=int, default=392, help="tiny model vocab")
     p.add_argument("--generate", type=int, default=32, help="also time greedy generation of N tokens (0: off)")
     p.add_argument("--json", default=None)
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(argv)
     import jax
 
     from fusion_jax.sharding import shard_batch
