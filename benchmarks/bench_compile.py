@@ -24,7 +24,7 @@ def run(args):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     p = subprocess.run([sys.executable, "-m", "fusion_jax.tools.aot_compile", *args, "--json"], cwd=REPO,
                        env=env, capture_output=True, text=True)
-    lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
+    lines = [line for line in p.stdout.splitlines() if line.startswith("{")]
     if not lines:
         raise SystemExit(f"aot_compile failed (rc {p.returncode}):\n{p.stderr[-3000:]}")
     return json.loads(lines[-1])

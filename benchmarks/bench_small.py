@@ -36,6 +36,7 @@ import platform
 import statistics
 import sys
 import time
+from functools import partial
 
 import numpy as np
 
@@ -72,7 +73,8 @@ def small_config(ref: dict, **over):
               sampler_stride=fj["stride_of_vision_sampler_layers"], sampler_heads=16,
               window_size=fj["window_size"], query_len=(16,), max_length=fj["tokenizer_model_max_length"],
               mm_vision_tower="small-siglip", compute_dtype="float32", param_dtype="float32",
-              scan_layers=True, remat_policy="none")
+              scan_layers=True, remat_policy="none",
+              linear_2d=True, ce_skip_empty_chunks=True, attention_impl="loop")   # one CPU device
     kw.update(over)
     return FusionConfig(**kw)
 
@@ -84,7 +86,13 @@ def _pixels(cfg) -> int:
 def train_batch(cfg, seed=0) -> dict:
     """2 samples shaped like the reference's: sys 40 / question 60 / answer 163 text tokens,
     1 question, 1024 spliced tokens, 60 instruct tokens, q = 16."""
-    from fusion_jax.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX, INSTRUCT_INDEX, LATENT_IMAGE_TOKEN_INDEX
+    from fusion_jax.constants import (
+        IGNORE_INDEX,
+        IMAGE_TOKEN_INDEX,
+        INSTRUCT_INDEX,
+        LATENT_IMAGE_TOKEN_INDEX,
+        NUM_CROPS,
+    )
     from fusion_jax.layout import build_layout
     rng = np.random.default_rng(seed)
     V = cfg.llm.vocab_size
@@ -100,13 +108,13 @@ def train_batch(cfg, seed=0) -> dict:
     lay = build_layout(ids, labs, ins, num_image_tokens=cfg.num_image_tokens, query_len=16, max_questions=1,
                        seq_len=1024, instruct_len=60, max_length=cfg.max_length)
     px = _pixels(cfg)
-    lay["images"] = rng.uniform(-1, 1, (2, 5, 3, px, px)).astype(np.float32)
+    lay["images"] = rng.uniform(-1, 1, (2, NUM_CROPS, 3, px, px)).astype(np.float32)
     return lay
 
 
 def gen_batch(cfg, seed=1) -> dict:
     """1 sample: 281 prompt ids (sys 200 / question 64 + template) -> 1024 spliced, 64 instructs."""
-    from fusion_jax.constants import IMAGE_TOKEN_INDEX, LATENT_IMAGE_TOKEN_INDEX
+    from fusion_jax.constants import IMAGE_TOKEN_INDEX, LATENT_IMAGE_TOKEN_INDEX, NUM_CROPS
     from fusion_jax.generate import layout_padded
     rng = np.random.default_rng(seed)
     V = cfg.llm.vocab_size
@@ -114,7 +122,7 @@ def gen_batch(cfg, seed=1) -> dict:
     ids = np.concatenate([[1], rng.integers(3, V, 199), [LATENT_IMAGE_TOKEN_INDEX, IMAGE_TOKEN_INDEX],
                           q, rng.integers(3, V, 15)])
     px = _pixels(cfg)
-    imgs = rng.uniform(-1, 1, (1, 5, 3, px, px)).astype(np.float32)
+    imgs = rng.uniform(-1, 1, (1, NUM_CROPS, 3, px, px)).astype(np.float32)
     return layout_padded(cfg, [ids], [q], imgs, query_len=16)
 
 
@@ -189,8 +197,7 @@ def bench_generate(cfg, warmup, steps, new_tokens=32):
     from fusion_jax.model import FusionForCausalLM
     model = FusionForCausalLM(cfg, rngs=nnx.Rngs(0))
     b = {k: jax.numpy.asarray(v) for k, v in gen_batch(cfg).items()}
-    fn = lambda: generate(model, b, max_new_tokens=new_tokens, eos_ids=())["tokens"]
-    r = _time(fn, warmup, steps)
+    r = _time(lambda: generate(model, b, max_new_tokens=new_tokens, eos_ids=())["tokens"], warmup, steps)
     r["tokens_per_s"] = new_tokens / r["median_s"]
     r["prompt_len"] = int(b["token_ids"].shape[1])
     return r
@@ -202,12 +209,12 @@ def profile_parts(cfg, warmup=1, steps=3):
     import jax.numpy as jnp
     from flax import nnx
 
+    from fusion_jax.constants import MAIN_VIEW, NUM_TILES
     from fusion_jax.model import FusionForCausalLM
     model = FusionForCausalLM(cfg, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     params = state.to_pure_dict()
     batch = {k: jnp.asarray(v) for k, v in train_batch(cfg).items()}
-    P = cfg.vision.num_patches
     out = {}
 
     def g(f):
@@ -218,10 +225,10 @@ def profile_parts(cfg, warmup=1, steps=3):
 
     def tower_main(m):
         st = m.model.aux_projector(m.model.embed_tokens(batch["instructs"]))
-        return m.model.vision_tower(imgs[:, 4], st, batch["instruct_mask"])[0]
+        return m.model.vision_tower(imgs[:, MAIN_VIEW], st, batch["instruct_mask"])[0]
 
     def tower_tiles(m):
-        return m.model.vision_tower(imgs[:, :4].reshape((B * 4,) + imgs.shape[2:]))[0]
+        return m.model.vision_tower(imgs[:, :NUM_TILES].reshape((B * NUM_TILES,) + imgs.shape[2:]))[0]
 
     def full_encode(m):
         e = m.encode(batch, 16)
@@ -241,8 +248,7 @@ def profile_parts(cfg, warmup=1, steps=3):
                     ("encode total (both passes + projectors + pooling)", full_encode),
                     ("decoder + lm_head, no CARD (2 x 1024 tok)", llm_only),
                     ("lm_head only (2 x 1024 x 32064)", head_only)]:
-        fn = g(f)
-        out[name] = _time(lambda: fn(params), warmup, steps)["median_s"]
+        out[name] = _time(partial(g(f), params), warmup, steps)["median_s"]
         print(f"  {name:55s} fwd+bwd {out[name]:.3f} s", flush=True)
     return out
 
@@ -273,7 +279,44 @@ def flop_floor(cfg, rate: float) -> dict:
             "train_step_floor_s": train / rate, "generate_floor_s": gen / rate}
 
 
-def main(argv=None):
+def compare_with_torch(res: dict, tb: dict):
+    """Speedups against the same-machine torch stand-in (a lower bound on the reference's time)."""
+    if "train_step" in tb and "train" in res:
+        r = res["train"]
+        r["speedup_vs_torch_baseline"] = tb["train_step"]["median_s"] / r["train_step"]["median_s"]
+        print(f"train step vs same-machine torch baseline {tb['train_step']['median_s']:.3f} s (lower bound) -> "
+              f"{r['speedup_vs_torch_baseline']:.2f}x (recorded reference: {r['speedup_vs_reference']:.2f}x)",
+              flush=True)
+    if "generate" in tb and "generate" in res:
+        g = res["generate"]
+        g["speedup_vs_torch_baseline"] = g["tokens_per_s"] / tb["generate"]["tokens_per_s"]
+        print(f"generation vs same-machine torch baseline {tb['generate']['tokens_per_s']:.1f} tok/s (lower "
+              f"bound) -> {g['speedup_vs_torch_baseline']:.2f}x (recorded reference: "
+              f"{g['speedup_vs_reference']:.2f}x)", flush=True)
+
+
+def run_torch_baseline(ref: dict, res: dict, a) -> dict:
+    """Times the same-machine torch stand-in (torch_small_baseline.py) against the recorded reference."""
+    from torch_small_baseline import bench as torch_bench
+    rt, rg = ref["reference_pytorch_cpu"]["training_step"], ref["reference_pytorch_cpu"]["generation"]
+    tb = torch_bench(ref, _time, a.warmup, a.torch_steps or a.steps, a.gen_runs,
+                     log=lambda m: print(m, flush=True), smoke=a.smoke)
+    res["torch_baseline"] = tb
+    if a.smoke:
+        print("  (--smoke: 2-layer towers, 1 crop per sample; the ratios below mean nothing)", flush=True)
+    # > 1: this machine + the stand-in beat the recorded run on the other CPU
+    if "train_step" in tb:
+        x = rt["train_step_seconds_median"] / tb["train_step"]["median_s"]
+        print(f"  (this baseline runs at {x:.2f}x the speed of the recorded reference, "
+              f"{rt['train_step_seconds_median']:.2f} s on the other CPU)", flush=True)
+    if "generate" in tb:
+        x = tb["generate"]["tokens_per_s"] / rg["tokens_per_second_end_to_end"]
+        print(f"  (this baseline runs at {x:.2f}x the speed of the recorded reference, "
+              f"{rg['tokens_per_second_end_to_end']:.2f} tok/s on the other CPU)", flush=True)
+    return tb
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -295,6 +338,11 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.torch_after and not a.torch_baseline:
         p.error("--torch-after needs --torch-baseline")
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
     import jax
     jax.config.update("jax_default_matmul_precision", a.precision)
     ref = load_reference()
@@ -313,23 +361,7 @@ def main(argv=None):
           f"{rt['train_step_seconds_median'] / 2:.2f} s), generation {fl['generate_flops'] / 1e9:.0f} GFLOP = "
           f"{fl['generate_floor_s']:.2f} s (goal needs <= {32 / (3 * rg['tokens_per_second_end_to_end']):.2f} s)",
           flush=True)
-    def torch_part():
-        from torch_small_baseline import bench as torch_bench
-        tb = torch_bench(ref, _time, a.warmup, a.torch_steps or a.steps, a.gen_runs,
-                         log=lambda m: print(m, flush=True), smoke=a.smoke)
-        res["torch_baseline"] = tb
-        if a.smoke:
-            print("  (--smoke: 2-layer towers, 1 crop per sample; the ratios below mean nothing)", flush=True)
-        # > 1: this machine + the stand-in beat the recorded run on the other CPU
-        if "train_step" in tb:
-            x = rt["train_step_seconds_median"] / tb["train_step"]["median_s"]
-            print(f"  (this baseline runs at {x:.2f}x the speed of the recorded reference, "
-                  f"{rt['train_step_seconds_median']:.2f} s on the other CPU)", flush=True)
-        if "generate" in tb:
-            x = tb["generate"]["tokens_per_s"] / rg["tokens_per_second_end_to_end"]
-            print(f"  (this baseline runs at {x:.2f}x the speed of the recorded reference, "
-                  f"{rg['tokens_per_second_end_to_end']:.2f} tok/s on the other CPU)", flush=True)
-        return tb
+    torch_part = partial(run_torch_baseline, ref, res, a)
 
     # default: before the JAX runs, so its models are freed before theirs are built;
     # --torch-after checks that the order does not favour either side
@@ -357,18 +389,8 @@ def main(argv=None):
               f"{g['speedup_vs_reference']:.2f}x (goal >= 3x)", flush=True)
     if a.torch_baseline and a.torch_after:
         tb = torch_part()
-    if tb and "train_step" in tb and "train" in res:
-        r = res["train"]
-        r["speedup_vs_torch_baseline"] = tb["train_step"]["median_s"] / r["train_step"]["median_s"]
-        print(f"train step vs same-machine torch baseline {tb['train_step']['median_s']:.3f} s (lower bound) -> "
-              f"{r['speedup_vs_torch_baseline']:.2f}x (recorded reference: {r['speedup_vs_reference']:.2f}x)",
-              flush=True)
-    if tb and "generate" in tb and "generate" in res:
-        g = res["generate"]
-        g["speedup_vs_torch_baseline"] = g["tokens_per_s"] / tb["generate"]["tokens_per_s"]
-        print(f"generation vs same-machine torch baseline {tb['generate']['tokens_per_s']:.1f} tok/s (lower "
-              f"bound) -> {g['speedup_vs_torch_baseline']:.2f}x (recorded reference: "
-              f"{g['speedup_vs_reference']:.2f}x)", flush=True)
+    if tb:
+        compare_with_torch(res, tb)
     if a.variants:
         res["variants"] = {}
         for name, over in [("unrolled layers (scan_layers=False)", dict(scan_layers=False)),

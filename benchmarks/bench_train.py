@@ -50,8 +50,9 @@ def main(argv=None):
     a = p.parse_args(argv)
     import jax
 
+    from fusion_jax.sharding import shard_batch
     from fusion_jax.train import flops, loop
-    from fusion_jax.train.data import to_device_batch
+    from fusion_jax.train.step import model_batch
     spec = importlib.util.spec_from_file_location("cfg", a.config)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -63,7 +64,7 @@ def main(argv=None):
         tc.data.source, tc.total_steps = "synth", 1000
     s = loop.Setup(tc, None, vocab_size=a.vocab)
     b = synthetic_batch(s.cfg, a.batch, a.seq, a.query_len)
-    db = to_device_batch(b, s.mesh)
+    db = shard_batch(model_batch(b), s.mesh)
     state = s.init_state()
     t = time.time()
     state, m = s.train_step(state, db)

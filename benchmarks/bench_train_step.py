@@ -28,32 +28,32 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def synthetic_batch(cfg, B, S, q, L=2, T=64, seed=0):
-    from fusion_jax.constants import IMAGE_TOKEN_INDEX, INSTRUCT_INDEX, LATENT_IMAGE_TOKEN_INDEX
+def synthetic_batch(cfg, B, S, q, n_q=2, T=64, seed=0):
+    from fusion_jax.constants import IMAGE_TOKEN_INDEX, INSTRUCT_INDEX, LATENT_IMAGE_TOKEN_INDEX, NUM_CROPS
     from fusion_jax.layout import build_layout
     rng = np.random.default_rng(seed)
     V = cfg.llm.vocab_size
     ids, lab, ins = [], [], []
-    n_txt = max(16, S - cfg.num_image_tokens - L * q - 2)
+    n_txt = max(16, S - cfg.num_image_tokens - n_q * q - 2)
     for _ in range(B):
         parts, labs = [[1]], [[-100]]
-        per = (n_txt - 1) // L
-        for k in range(L):
+        per = (n_txt - 1) // n_q
+        for k in range(n_q):
             ph = [LATENT_IMAGE_TOKEN_INDEX] + ([IMAGE_TOKEN_INDEX] if k == 0 else [])
             qn, an = per // 3, per - per // 3
             qq, aa = rng.integers(3, V, qn), rng.integers(3, V, an)
             parts += [ph, qq, aa]
-            l = np.full(len(ph) + qn, -100)
-            l[-1] = INSTRUCT_INDEX
-            labs += [l, aa]
+            q_lab = np.full(len(ph) + qn, -100)
+            q_lab[-1] = INSTRUCT_INDEX
+            labs += [q_lab, aa]
             if k == 0:
                 ins.append(qq[:T])
         ids.append(np.concatenate(parts)), lab.append(np.concatenate(labs))
-    b = build_layout(ids, lab, ins, num_image_tokens=cfg.num_image_tokens, query_len=q, max_questions=L,
+    b = build_layout(ids, lab, ins, num_image_tokens=cfg.num_image_tokens, query_len=q, max_questions=n_q,
                      seq_len=S, instruct_len=T, max_length=S)
     v = cfg.vision
     px = (v.image_size // v.patch_size) * v.patch_size   # the pixels a VALID patch conv reads
-    b["images"] = rng.uniform(-1, 1, (B, 5, 3, px, px)).astype(np.float32)
+    b["images"] = rng.uniform(-1, 1, (B, NUM_CROPS, 3, px, px)).astype(np.float32)
     return b
 
 
@@ -70,7 +70,36 @@ def device_name():
     return f"{d.platform}: {d.device_kind}"
 
 
-def main(argv=None):
+def time_generate(s, state, cfg, S, q, instruct_len, new_tokens) -> dict:
+    """Greedy generation of `new_tokens` tokens, batch 1, end to end (median of 3 after a first call)."""
+    import jax
+    from flax import nnx
+
+    from fusion_jax.generate import generate
+    model = nnx.merge(s.graphdef, state["params"])
+    gb = synthetic_batch(cfg, 1, min(S, cfg.num_image_tokens + q + 128), q, n_q=1, T=instruct_len, seed=1)
+    gb.pop("labels")
+    gb = {k: jax.numpy.asarray(v) for k, v in gb.items()}
+
+    def run():
+        return jax.block_until_ready(generate(model, gb, max_new_tokens=new_tokens, eos_ids=())["tokens"])
+
+    t0 = time.perf_counter()
+    run()
+    first = time.perf_counter() - t0
+    gt = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        run()
+        gt.append(time.perf_counter() - t0)
+    r = {"new_tokens": new_tokens, "prompt_len": int(gb["token_ids"].shape[1]), "first_call_s": first,
+         "median_s": statistics.median(gt), "tokens_per_s": new_tokens / statistics.median(gt)}
+    print(f"generate: batch 1, prompt {r['prompt_len']} spliced, {new_tokens} greedy tokens "
+          f"end to end: {r['tokens_per_s']:.1f} tok/s (first call {first:.1f}s)", flush=True)
+    return r
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"))
     p.add_argument("--batch", type=int, default=8)
@@ -88,12 +117,17 @@ def main(argv=None):
     p.add_argument("--vocab", type=int, default=392, help="tiny model vocab")
     p.add_argument("--generate", type=int, default=32, help="also time greedy generation of N tokens (0: off)")
     p.add_argument("--json", default=None)
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(argv)
     import jax
 
+    from fusion_jax.sharding import shard_batch
     from fusion_jax.tools.aot_compile import load_train_config, parse_mesh
     from fusion_jax.train import flops, loop
-    from fusion_jax.train.data import to_device_batch
+    from fusion_jax.train.step import model_batch
     tc = load_train_config(a.config)
     with tc.unlocked():
         tc.global_batch_size, tc.grad_accum, tc.mesh = a.batch, a.grad_accum, parse_mesh(a.mesh)
@@ -114,8 +148,8 @@ def main(argv=None):
     t0 = time.perf_counter()
     s = loop.Setup(tc, None, model_cfg=cfg)
     state = s.init_state()
-    raw = synthetic_batch(cfg, a.batch, S, q, L=a.questions, T=a.instruct_len)
-    batch = to_device_batch(raw, s.mesh)
+    raw = synthetic_batch(cfg, a.batch, S, q, n_q=a.questions, T=a.instruct_len)
+    batch = shard_batch(model_batch(raw), s.mesh)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(s.abstract_params))
     t_setup = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -149,27 +183,7 @@ def main(argv=None):
           f"step {dt * 1e3:.1f} ms | {res['tokens_per_s_per_device']:,.0f} tok/s/device | "
           f"{res['model_tflops_per_s_per_device']:.2f} TFLOP/s/device | MFU {mfu}", flush=True)
     if a.generate:
-        from flax import nnx
-
-        from fusion_jax.generate import generate
-        model = nnx.merge(s.graphdef, state["params"])
-        gb = synthetic_batch(cfg, 1, min(S, cfg.num_image_tokens + q + 128), q, L=1, T=a.instruct_len, seed=1)
-        gb.pop("labels")
-        gb = {k: jax.numpy.asarray(v) for k, v in gb.items()}
-        run = lambda: jax.block_until_ready(generate(model, gb, max_new_tokens=a.generate, eos_ids=())["tokens"])
-        t0 = time.perf_counter()
-        run()
-        first = time.perf_counter() - t0
-        gt = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            run()
-            gt.append(time.perf_counter() - t0)
-        res["generate"] = {"new_tokens": a.generate, "prompt_len": int(gb["token_ids"].shape[1]),
-                           "first_call_s": first, "median_s": statistics.median(gt),
-                           "tokens_per_s": a.generate / statistics.median(gt)}
-        print(f"generate: batch 1, prompt {res['generate']['prompt_len']} spliced, {a.generate} greedy tokens "
-              f"end to end: {res['generate']['tokens_per_s']:.1f} tok/s (first call {first:.1f}s)", flush=True)
+        res["generate"] = time_generate(s, state, cfg, S, q, a.instruct_len, a.generate)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)

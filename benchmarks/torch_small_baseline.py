@@ -168,6 +168,7 @@ def bench(ref: dict, timer, warmup=2, steps=5, gen_runs=5, new_tokens=32, train=
         res["generate"] = r
         log(f"torch baseline generate {new_tokens} tokens (greedy, end to end, LOWER BOUND): median "
             f"{r['median_s']:.3f} s = {r['tokens_per_s']:.1f} tok/s over {gen_runs}")
-    del models, vision, projector, llm, params
+    del vision, projector, params
+    models = llm = None  # frees them too: the closures above hold these two
     gc.collect()
     return res

@@ -1,21 +1,19 @@
 """Scaled dot-product attention with three equivalent implementations.
 
 `xla`: einsums over the whole batch (what accelerators want; SPMD shards the batch).
-`loop`: `lax.map` over (sample, kv-head) with a rematerialised body. On a CPU the
-[Q, K] scores of one head stay in cache and the backward recomputes them instead of
-streaming B*H*Q*K probabilities through memory: ~2.5x faster fwd+bwd on 2 cores.
+`loop` (the CPU choice, one device): `lax.map` over (sample, kv-head) with a rematerialised
+body from `LOOP_MIN_QUERIES` queries on, `xla` below. On a CPU the [Q, K] scores of one head
+stay in cache and the backward recomputes them instead of streaming B*H*Q*K probabilities
+through memory: ~2.5x faster fwd+bwd on 2 cores.
 `chunked`: the `xla` math over query chunks of `CHUNK` rows under remat, so a layer holds
 [B, H, CHUNK, K] scores instead of [B, H, Q, K] (long sequences on accelerators).
-`auto` picks `loop` on an unsharded CPU run with >= 256 queries, else `chunked` above `CHUNK`
-queries, else `xla`.
+`auto`: `chunked` above `CHUNK` queries, else `xla`.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from fusion_jax.sharding import under_sharded_mesh
 
 NEG = float(np.finfo(np.float32).min)
 LOOP_MIN_QUERIES = 256  # short sequences (decode, tiny test models): the batched form compiles faster
@@ -26,12 +24,11 @@ IMPLS = ("auto", "xla", "loop", "chunked")
 def resolve_impl(impl: str, num_queries: int) -> str:
     if impl not in IMPLS:
         raise ValueError(f"attention_impl={impl!r}: expected one of {', '.join(IMPLS)}")
-    if impl != "auto":
-        return impl
-    if (jax.default_backend() == "cpu" and not under_sharded_mesh()
-            and num_queries >= LOOP_MIN_QUERIES):
-        return "loop"
-    return "chunked" if num_queries > CHUNK else "xla"
+    if impl == "loop":
+        return "loop" if num_queries >= LOOP_MIN_QUERIES else "xla"
+    if impl == "chunked" or (impl == "auto" and num_queries > CHUNK):
+        return "chunked"
+    return "xla"
 
 
 def _masked(s, keep, uniform):

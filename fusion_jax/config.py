@@ -109,7 +109,8 @@ def _thaw(t):
     return {k: list(v) if isinstance(v, tuple) else v for k, v in t}
 
 
-POSEMB_INITS = ("normal", "sincos2d")  # FusionConfig.vision_posemb_init
+# Fields of older fusion_config.json files that no longer exist (retired experiments, off by default).
+RETIRED_FIELDS = ("ce_turn_power", "vision_posemb_init")
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,8 @@ class FusionConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     mm_projector_type: str = "mlp2x_gelu"
+    # CARD's interaction layers: the reference's `*_vision_sampler_layers` keys, spelled as in
+    # existing fusion_config.json files
     num_sampler_layers: int = 10
     sampler_start: int = 0
     sampler_stride: int = 3
@@ -124,9 +127,6 @@ class FusionConfig:
     window_size: int = 3
     query_len: tuple[int, ...] = (4, 16, 36, 64, 144)
     dsm_weight: float = 0.1
-    # CE weight of a target: n ** -ce_turn_power, n its answer turn's length (loss.target_weights);
-    # 0 is the reference's token mean, 1 counts every answer once
-    ce_turn_power: float = 0.0
     early_mask_mode: str = "reference"
     use_tune: bool = True
     use_card: bool = True
@@ -142,13 +142,15 @@ class FusionConfig:
     vision_remat_policy: str | None = None   # vision layers; None = same as remat_policy
     attention_impl: str = "auto"             # auto | xla | loop | chunked (fusion_jax.attention)
     loss_chunk: int = 256                    # train-step CE: head + CE over chunks of target rows
+    # CPU choices (the tiny preset and the `small` benchmark). Both change the program per device, so
+    # keep them off on a multi-device mesh: a 2-D matmul merges the sharded batch axis (XLA:CPU's SPMD
+    # collectives deadlocked on it), and skipped chunks make devices branch around the head's collectives.
+    linear_2d: bool = False                  # Linear runs one 2-D matmul: XLA:CPU's weight grad ~2x faster
+    ce_skip_empty_chunks: bool = False       # chunked CE skips target-free chunks at run time (lax.cond)
     # init only (no effect on loaded weights): std of the token embedding. HF's 0.02 suits a
     # pretrained LLM; a tiny model trained from scratch needs word embeddings on the scale of
     # the image features (~1), or the question's words drown next to them (docs/ablations.md).
     embed_init_std: float = 0.02
-    # init only: the tower's position embedding, "normal" (std 0.02) or "sincos2d" (a tower
-    # trained from scratch; with 0.02 its patches barely know where they are)
-    vision_posemb_init: str = "normal"
 
     def __post_init__(self):
         if self.early_mask_mode not in EARLY_MASK_MODES:
@@ -161,11 +163,9 @@ class FusionConfig:
         from fusion_jax.attention import IMPLS
         if self.attention_impl not in IMPLS:
             raise ValueError(f"attention_impl={self.attention_impl!r}: expected one of {', '.join(IMPLS)}")
-        self.projector_depth  # validates the type
+        _ = self.projector_depth  # raises on an unknown projector type
         if not (math.isfinite(self.embed_init_std) and self.embed_init_std > 0):
             raise ValueError(f"embed_init_std={self.embed_init_std!r}: expected a finite number > 0")
-        if self.vision_posemb_init not in POSEMB_INITS:
-            raise ValueError(f"vision_posemb_init={self.vision_posemb_init!r}: expected one of {POSEMB_INITS}")
         if self.llm.hidden_size % self.sampler_heads:
             raise ValueError(f"llm.hidden_size {self.llm.hidden_size} not divisible by "
                              f"sampler_heads {self.sampler_heads}")
@@ -180,17 +180,12 @@ class FusionConfig:
         return int(m.group(1))
 
     @property
-    def sampler_after(self) -> tuple[int, ...]:
+    def interaction_after(self) -> tuple[int, ...]:
         """Decoder layers followed by an interaction layer (the reference's list, deduplicated)."""
         if not self.use_card:
             return ()
-        idx = [self.sampler_start + k * self.sampler_stride for k in range(self.num_sampler_layers)]
-        seen, out = set(), []
-        for i in idx:
-            if i < self.llm.num_hidden_layers and i not in seen:
-                seen.add(i)
-                out.append(i)
-        return tuple(out)
+        idx = (self.sampler_start + k * self.sampler_stride for k in range(self.num_sampler_layers))
+        return tuple(dict.fromkeys(i for i in idx if i < self.llm.num_hidden_layers))
 
     @property
     def num_image_tokens(self) -> int:
@@ -209,7 +204,7 @@ class FusionConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> FusionConfig:
-        d = dict(d)
+        d = {k: v for k, v in d.items() if k not in RETIRED_FIELDS}
         llm = LLMConfig(**d.pop("llm"))
         vision = VisionConfig(**d.pop("vision"))
         if "query_len" in d:

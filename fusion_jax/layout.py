@@ -127,25 +127,25 @@ def build_layout(input_ids, labels, instructs, *, num_image_tokens: int, query_l
             if x.shape[0]:
                 x[-1] = INSTRUCT_INDEX
     if attention_mask is not None:
-        input_ids = [np.asarray(x)[np.asarray(m, bool)] for x, m in zip(input_ids, attention_mask)]
+        input_ids = [np.asarray(x)[np.asarray(m, bool)] for x, m in zip(input_ids, attention_mask, strict=True)]
         if labels is not None:
-            labels = [np.asarray(x)[np.asarray(m, bool)] for x, m in zip(labels, attention_mask)]
+            labels = [np.asarray(x)[np.asarray(m, bool)] for x, m in zip(labels, attention_mask, strict=True)]
     lays = [layout_sample(input_ids[b], None if labels is None else labels[b],
                           num_image_tokens=num_image_tokens, query_len=query_len,
                           max_length=max_length) for b in range(B)]
-    need = max((l.length for l in lays), default=1)
+    need = max((lay.length for lay in lays), default=1)
     S = need if seq_len is None else seq_len
     if need > S:
-        worst = int(np.argmax([l.length for l in lays]))
+        worst = int(np.argmax([lay.length for lay in lays]))
         raise ValueError(f"sample {worst}: spliced length {need} exceeds seq_len bucket {S}")
-    for b, l in enumerate(lays):
-        if l.instruct_pos.shape[0] > max_questions:
-            raise ValueError(f"sample {b}: {l.instruct_pos.shape[0]} questions > max_questions="
+    for b, lay in enumerate(lays):
+        if lay.instruct_pos.shape[0] > max_questions:
+            raise ValueError(f"sample {b}: {lay.instruct_pos.shape[0]} questions > max_questions="
                              f"{max_questions}")
-    need_blocks = max((l.latent_fill_pos.shape[0] // max(query_len, 1) for l in lays), default=0)
+    need_blocks = max((lay.latent_fill_pos.shape[0] // max(query_len, 1) for lay in lays), default=0)
     nb = max(max_questions, need_blocks) if max_latent_blocks is None else max_latent_blocks
     if need_blocks > nb:
-        worst = int(np.argmax([l.latent_fill_pos.shape[0] for l in lays]))
+        worst = int(np.argmax([lay.latent_fill_pos.shape[0] for lay in lays]))
         raise ValueError(f"sample {worst}: {need_blocks} latent blocks > max_latent_blocks={nb}")
     ins = [np.asarray(x, np.int64).reshape(-1) for x in instructs]
     T = max((x.shape[0] for x in ins), default=1) if instruct_len is None else instruct_len
@@ -167,16 +167,16 @@ def build_layout(input_ids, labels, instructs, *, num_image_tokens: int, query_l
         "has_image": np.zeros((B,), bool),
         "instructs": np.zeros((B, T), np.int32),
     }
-    for b, l in enumerate(lays):
-        n = l.length
-        out["token_ids"][b, :n] = np.where(l.token_ids < 0, pad_id, l.token_ids)
-        out["labels"][b, :n] = l.labels
+    for b, lay in enumerate(lays):
+        n = lay.length
+        out["token_ids"][b, :n] = np.where(lay.token_ids < 0, pad_id, lay.token_ids)
+        out["labels"][b, :n] = lay.labels
         out["attention_mask"][b, :n] = True
-        out["image_pos"][b, :l.image_pos.shape[0]] = l.image_pos
-        out["latent_pos"][b, :l.latent_pos.shape[0]] = l.latent_pos
-        out["latent_fill_pos"][b, :l.latent_fill_pos.shape[0]] = l.latent_fill_pos
-        out["instruct_pos"][b, :l.instruct_pos.shape[0]] = l.instruct_pos
-        out["has_image"][b] = l.has_image
+        out["image_pos"][b, :lay.image_pos.shape[0]] = lay.image_pos
+        out["latent_pos"][b, :lay.latent_pos.shape[0]] = lay.latent_pos
+        out["latent_fill_pos"][b, :lay.latent_fill_pos.shape[0]] = lay.latent_fill_pos
+        out["instruct_pos"][b, :lay.instruct_pos.shape[0]] = lay.instruct_pos
+        out["has_image"][b] = lay.has_image
         out["instructs"][b, :ins[b].shape[0]] = ins[b]
     out["instruct_mask"] = out["instructs"] != 0
     return out

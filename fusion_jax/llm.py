@@ -90,9 +90,9 @@ def apply_rope(x, cos, sin):
 # ----------------------------------------------------------------------------- layers
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: LLMConfig, *, stack, rngs, param_dtype, dtype, attn_impl="auto"):
+    def __init__(self, cfg: LLMConfig, *, attn_impl="auto", **kw):
+        """kw: Linear's options (stack, rngs, param_dtype, dtype, linear_2d)."""
         D, H, KV, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_per_head
-        kw = dict(stack=stack, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         self.fused = cfg.family == "phi3"
         if self.fused:
             self.qkv_proj = Linear(D, (H + 2 * KV) * hd, use_bias=False, axes=("embed", "heads"), **kw)
@@ -129,16 +129,16 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: LLMConfig, *, stack, rngs, param_dtype, dtype):
-        D, I = cfg.hidden_size, cfg.intermediate_size
-        kw = dict(stack=stack, rngs=rngs, param_dtype=param_dtype, dtype=dtype, use_bias=False)
+    def __init__(self, cfg: LLMConfig, **kw):
+        D, F = cfg.hidden_size, cfg.intermediate_size
+        kw["use_bias"] = False
         self.fused = cfg.family == "phi3"
         if self.fused:
-            self.gate_up_proj = Linear(D, 2 * I, axes=("embed", "mlp"), **kw)
+            self.gate_up_proj = Linear(D, 2 * F, axes=("embed", "mlp"), **kw)
         else:
-            self.gate_proj = Linear(D, I, axes=("embed", "mlp"), **kw)
-            self.up_proj = Linear(D, I, axes=("embed", "mlp"), **kw)
-        self.down_proj = Linear(I, D, axes=("mlp", "embed"), **kw)
+            self.gate_proj = Linear(D, F, axes=("embed", "mlp"), **kw)
+            self.up_proj = Linear(D, F, axes=("embed", "mlp"), **kw)
+        self.down_proj = Linear(F, D, axes=("mlp", "embed"), **kw)
         self.act = cfg.hidden_act
 
     def __call__(self, x):
@@ -151,12 +151,12 @@ class MLP(nnx.Module):
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: LLMConfig, *, stack=(), rngs, param_dtype="float32", dtype="float32",
-                 attn_impl="auto"):
+                 attn_impl="auto", linear_2d=False):
         kw = dict(stack=stack, param_dtype=param_dtype, dtype=dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
-        self.self_attn = Attention(cfg, rngs=rngs, attn_impl=attn_impl, **kw)
+        self.self_attn = Attention(cfg, rngs=rngs, attn_impl=attn_impl, linear_2d=linear_2d, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
-        self.mlp = MLP(cfg, rngs=rngs, **kw)
+        self.mlp = MLP(cfg, rngs=rngs, linear_2d=linear_2d, **kw)
 
     def __call__(self, x, cos, sin, keep, cache=None, cache_index=None):
         a, cache = self.self_attn(self.input_layernorm(x), cos, sin, keep, cache, cache_index)
@@ -164,11 +164,11 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
-def causal_keep(attention_mask, q_positions=None, kv_len=None):
+def causal_keep(attention_mask, q_positions=None):
     """[B, Q, K] bool: key valid and not in the future.
 
-    Without a cache, Q = K = S and position = index. With a cache of kv_len slots,
-    `q_positions` [B, Q] are the absolute slot indices of the queries.
+    Without a cache, Q = K = S and position = index. With a cache (attention_mask over its
+    K slots), `q_positions` [B, Q] are the absolute slot indices of the queries.
     """
     B, K = attention_mask.shape
     kidx = jnp.arange(K)

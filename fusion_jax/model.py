@@ -12,11 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fusion_jax import loss as L
 from fusion_jax.config import FusionConfig
+from fusion_jax.constants import MAIN_VIEW, NUM_TILES
 from fusion_jax.interaction import InteractionLayer, context_windows
 from fusion_jax.llm import DecoderLayer, causal_keep, rope_cos_sin
-from fusion_jax.nn import Embed, Linear, Projector, RMSNorm, dtype_of, remat
+from fusion_jax.loss import chunked_cross_entropy, cross_entropy, dsm_loss, objective
+from fusion_jax.nn import Embed, Linear, Projector, RMSNorm, dtype_of, scan_layers
 from fusion_jax.sharding import constrain
 from fusion_jax.vision import SiglipVisionTower, adaptive_max_pool2d, resize_tokens, stitch_tiles
 
@@ -24,15 +25,15 @@ from fusion_jax.vision import SiglipVisionTower, adaptive_max_pool2d, resize_tok
 class FusionModel(nnx.Module):
     def __init__(self, cfg: FusionConfig, rngs: nnx.Rngs):
         c, v = cfg.llm, cfg.vision
-        kw = dict(param_dtype=cfg.param_dtype, dtype=cfg.compute_dtype)
-        self.embed_tokens = Embed(c.vocab_size, c.hidden_size, rngs=rngs, std=cfg.embed_init_std, **kw)
+        dt = dict(param_dtype=cfg.param_dtype, dtype=cfg.compute_dtype)
+        kw = dict(dt, linear_2d=cfg.linear_2d)
+        self.embed_tokens = Embed(c.vocab_size, c.hidden_size, rngs=rngs, std=cfg.embed_init_std, **dt)
         self.layers = DecoderLayer(c, stack=(c.num_hidden_layers,), rngs=rngs,
                                    attn_impl=cfg.attention_impl, **kw)
-        self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, **kw)
+        self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, **dt)
         self.vision_tower = SiglipVisionTower(v, rngs=rngs, early_mask_mode=cfg.early_mask_mode,
                                               remat_policy=cfg.vision_remat_policy or cfg.remat_policy,
-                                              scan=cfg.scan_layers, attn_impl=cfg.attention_impl,
-                                              posemb_init=cfg.vision_posemb_init, **kw)
+                                              scan=cfg.scan_layers, attn_impl=cfg.attention_impl, **kw)
         d = cfg.projector_depth
         self.mm_projector = Projector(3 * v.hidden_size, c.hidden_size, d, rngs=rngs,
                                       axes_in=("vision_mlp", "embed"), axes_out=("mlp", "embed"), **kw)
@@ -40,6 +41,7 @@ class FusionModel(nnx.Module):
                                        axes_in=("embed", "vision_embed"),
                                        axes_out=("vision_mlp", "vision_embed"), **kw)
         n = cfg.num_sampler_layers if cfg.use_card else 0
+        # CARD's interaction layers, under the reference's parameter name
         self.vision_sampler_layers = (InteractionLayer(c.hidden_size, cfg.sampler_heads, stack=(n,),
                                                        rngs=rngs, **kw) if n else None)
 
@@ -52,14 +54,15 @@ class FusionForCausalLM(nnx.Module):
         c = cfg.llm
         self.lm_head = (None if c.tie_word_embeddings else
                         Linear(c.hidden_size, c.vocab_size, use_bias=False, axes=("embed", "vocab"),
-                               rngs=rngs, param_dtype=cfg.param_dtype, dtype=cfg.compute_dtype))
+                               rngs=rngs, param_dtype=cfg.param_dtype, dtype=cfg.compute_dtype,
+                               linear_2d=cfg.linear_2d))
 
     # ------------------------------------------------------------------ vision side
     def encode(self, batch, query_len: int):
         """Vision features, DSM pairs and latent inits for a laid-out batch."""
         cfg, m = self.cfg, self.model
         v = cfg.vision
-        P = v.num_patches
+        n_patch = v.num_patches
         images = batch["images"].astype(dtype_of(cfg.compute_dtype))
         B = images.shape[0]
         instructs = batch["instructs"]
@@ -68,18 +71,18 @@ class FusionForCausalLM(nnx.Module):
         out = {"instruct_embeddings": ins_emb, "instruct_mask": instruct_mask}
         if cfg.use_tune:
             states = m.aux_projector(ins_emb)
-            feats, hs0, hs = m.vision_tower(images[:, 4], states, instruct_mask)
+            feats, hs0, _ = m.vision_tower(images[:, MAIN_VIEW], states, instruct_mask)
             proj = m.mm_projector(feats)
-            out["image_features"], out["instruct_features"] = proj[:, :P], proj[:, P:]
+            out["image_features"], out["instruct_features"] = proj[:, :n_patch], proj[:, n_patch:]
         else:
-            feats, hs0, hs = m.vision_tower(images[:, 4])
+            feats, hs0, _ = m.vision_tower(images[:, MAIN_VIEW])
             out["image_features"], out["instruct_features"] = m.mm_projector(feats), None
-        out["vision_embeddings"] = hs0[:, :P]
+        out["vision_embeddings"] = hs0[:, :n_patch]
         out["vision_features"] = m.aux_projector(out["image_features"])
 
-        tiles = images[:, :4].reshape((B * 4,) + images.shape[2:])
+        tiles = images[:, :NUM_TILES].reshape((B * NUM_TILES,) + images.shape[2:])
         gfeats, _, _ = m.vision_tower(tiles)
-        gmap = stitch_tiles(m.mm_projector(gfeats).reshape(B, 4, P, -1), v.grid)
+        gmap = stitch_tiles(m.mm_projector(gfeats).reshape(B, NUM_TILES, n_patch, -1), v.grid)
         s = int(round(query_len ** 0.5))
         D = gmap.shape[-1]
         out["global_map"] = gmap
@@ -102,9 +105,8 @@ class FusionForCausalLM(nnx.Module):
                                                           mode="drop")
         # every latent block gets the initial latents, refined or not (eval convention)
         lpos = batch["latent_fill_pos"] if "latent_fill_pos" in batch else batch["latent_pos"]
-        Lq = lpos.shape[1]
         q = enc["init_latent"].shape[1]
-        lat = jnp.tile(enc["init_latent"], (1, Lq // q, 1))
+        lat = jnp.tile(enc["init_latent"], (1, lpos.shape[1] // q, 1))
         lat = lat * batch["has_image"][:, None, None].astype(lat.dtype)
         x = x.at[bidx, jnp.where(lpos >= 0, lpos, S)].set(lat.astype(x.dtype), mode="drop")
         return constrain(x, "batch", None, None)
@@ -112,7 +114,7 @@ class FusionForCausalLM(nnx.Module):
     # ------------------------------------------------------------------ decoder
     def decode(self, x, batch, windows, *, cache=None, cache_index=None, keep=None,
                position_ids=None, collect=False):
-        """Decoder layers with interaction layers after `cfg.sampler_after` (full pass only)."""
+        """Decoder layers with interaction layers after `cfg.interaction_after` (full pass only)."""
         cfg, m = self.cfg, self.model
         S = x.shape[1]
         pos = batch["position_ids"] if position_ids is None else position_ids
@@ -120,53 +122,42 @@ class FusionForCausalLM(nnx.Module):
                                 valid=batch["attention_mask"] if position_ids is None else None)
         if keep is None:
             keep = causal_keep(batch["attention_mask"])
-        gd, state = nnx.split(m.layers)
-        after = cfg.sampler_after if (S > 1 and windows is not None) else ()
-        n = cfg.llm.num_hidden_layers
-        which = np.full((n,), -1, np.int32)          # interaction layer after decoder layer i
-        for k, a in enumerate(after):
-            which[a] = k
-        sampler = nnx.split(m.vision_sampler_layers) if after else None
+        after = cfg.interaction_after if (S > 1 and windows is not None) else ()
+        which = np.full((cfg.llm.num_hidden_layers,), -1, np.int32)   # interaction layer after decoder layer i
+        for k, i in enumerate(after):
+            which[i] = k
+        interaction = nnx.split(m.vision_sampler_layers) if after else None
         B, D = x.shape[0], x.shape[2]
         lq = batch["latent_pos"].shape[1] if after else 0
 
         def interact(h, k):
-            gds, sst = sampler
-            layer = nnx.merge(gds, jax.tree.map(lambda a: a[k], sst))
-            h, so = layer(h, batch["instruct_pos"], batch["latent_pos"], windows)
-            return constrain(h, "batch", None, None), so.astype(h.dtype)
+            gdi, sti = interaction
+            layer = nnx.merge(gdi, jax.tree.map(lambda a: a[k], sti))
+            h, refined = layer(h, batch["instruct_pos"], batch["latent_pos"], windows)
+            return constrain(h, "batch", None, None), refined.astype(h.dtype)
 
-        def skip(h, k):
+        def skip(h, _):
             return h, jnp.zeros((B, lq, D), h.dtype)
 
-        def body(c, inp):
-            st, kv, k = inp
-            h, kv = nnx.merge(gd, st)(c, cos, sin, keep, kv, cache_index)
+        def body(layer, c, inp):
+            kv, k = inp
+            h, kv = layer(c, cos, sin, keep, kv, cache_index)
             h = constrain(h, "batch", None, None)
-            so = None
+            refined = None
             if after:
                 if isinstance(k, (int, np.integer)):   # unrolled: static choice
-                    h, so = interact(h, int(k)) if k >= 0 else skip(h, k)
+                    h, refined = interact(h, int(k)) if k >= 0 else skip(h, k)
                 else:                                   # scanned: one program for all layers
-                    h, so = jax.lax.cond(k >= 0, interact, skip, h, jnp.maximum(k, 0))
-            return h, (kv, c if collect else None, so if collect else None)
+                    h, refined = jax.lax.cond(k >= 0, interact, skip, h, jnp.maximum(k, 0))
+            return h, (kv, c if collect else None, refined if collect else None)
 
-        body = remat(body, cfg.remat_policy)
-        if cfg.scan_layers:
-            x, (new_cache, hs, so) = jax.lax.scan(body, x, (state, cache, jnp.asarray(which)))
-        else:
-            outs = []
-            for i in range(n):
-                x, o = body(x, (jax.tree.map(lambda a: a[i], state),
-                                None if cache is None else jax.tree.map(lambda a: a[i], cache),
-                                int(which[i])))
-                outs.append(o)
-            new_cache, hs, so = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+        x, (new_cache, hs, refined) = scan_layers(m.layers, body, x, (cache, which), unroll=not cfg.scan_layers,
+                                                  remat_policy=cfg.remat_policy)
         x = m.norm(x)
         aux = {}
         if collect:
             aux["layer_inputs"] = hs
-            aux["sampler_outputs"] = so[np.asarray(after)] if after else None
+            aux["interaction_outputs"] = refined[np.asarray(after)] if after else None
         return x, (new_cache if cache is not None else None), aux
 
     def logits(self, h):
@@ -199,17 +190,16 @@ class FusionForCausalLM(nnx.Module):
         else:
             out = {}
         if has_labels and not return_logits:
-            ce, n = L.chunked_cross_entropy(h, batch["labels"], self.logits, cfg.loss_chunk,
-                                            cfg.ce_turn_power)
+            ce, n = chunked_cross_entropy(h, batch["labels"], self.logits, cfg.loss_chunk,
+                                          cfg.ce_skip_empty_chunks)
         elif has_labels:
-            ce, n = L.cross_entropy(logits, batch["labels"], cfg.ce_turn_power)
+            ce, n = cross_entropy(logits, batch["labels"])
         else:
             ce, n = jnp.float32(0.0), jnp.int32(0)
-        ins, vis = L.dsm_loss(enc["instruct_embeddings"], enc["instruct_features"],
-                              enc["instruct_mask"], enc["vision_embeddings"], enc["vision_features"])
-        dsm = (ins + vis) if cfg.use_dsm else jnp.float32(0.0)
-        out.update(loss=ce + cfg.dsm_weight * dsm, ce_loss=ce, instruct_cos_loss=ins,
-                   vision_cos_loss=vis, dsm_loss=dsm, num_targets=n)
+        ins, vis = dsm_loss(enc["instruct_embeddings"], enc["instruct_features"],
+                            enc["instruct_mask"], enc["vision_embeddings"], enc["vision_features"])
+        loss, parts = objective(cfg, ce, ins, vis)
+        out.update(loss=loss, num_targets=n, **parts)
         if return_intermediates:
             out.update(enc)
             out["inputs_embeds"] = x

@@ -7,12 +7,11 @@ the same module hold the parameters of several layers at once (scanned).
 from __future__ import annotations
 
 import math
+import operator
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
-from fusion_jax.sharding import under_sharded_mesh
 
 LAYERS = "layers"
 
@@ -26,24 +25,27 @@ def _param(value, axes):
 
 
 class Linear(nnx.Module):
-    """y = x @ kernel + bias; kernel is [in, out] (PyTorch weight transposed)."""
+    """y = x @ kernel + bias; kernel is [in, out] (PyTorch weight transposed).
+
+    `linear_2d` (FusionConfig.linear_2d, a CPU choice): run [..., in] inputs as one 2-D matmul;
+    XLA:CPU runs the weight gradient of [B, N, D] inputs ~2x slower. Not for sharded batches:
+    merging a sharded batch axis deadlocked XLA:CPU's SPMD collectives.
+    """
 
     def __init__(self, din: int, dout: int, *, use_bias: bool = True, axes=("embed", "mlp"),
                  stack: tuple[int, ...] = (), rngs: nnx.Rngs, std: float | None = None,
-                 param_dtype="float32", dtype="float32"):
+                 param_dtype="float32", dtype="float32", linear_2d: bool = False):
         std = 1.0 / math.sqrt(din) if std is None else std
         sa = (LAYERS,) * len(stack)
         k = jax.random.normal(rngs.params(), stack + (din, dout), jnp.float32) * std
         self.kernel = _param(k.astype(param_dtype), sa + tuple(axes))
         self.bias = _param(jnp.zeros(stack + (dout,), param_dtype), sa + (axes[1],)) if use_bias else None
-        self.dtype = dtype
+        self.dtype, self.linear_2d = dtype, linear_2d
 
     def __call__(self, x):
         dt = dtype_of(self.dtype)
         w = self.kernel[...].astype(dt)
-        if w.ndim == 2 and x.ndim > 2 and not under_sharded_mesh():
-            # one 2-D matmul: XLA:CPU runs the weight gradient of [B, N, D] inputs ~2x slower.
-            # Not under a mesh: merging a sharded batch axis deadlocked XLA:CPU's SPMD collectives.
+        if self.linear_2d and w.ndim == 2 and x.ndim > 2:
             y = jnp.matmul(x.astype(dt).reshape(-1, x.shape[-1]), w).reshape(x.shape[:-1] + w.shape[-1:])
         else:
             y = jnp.matmul(x.astype(dt), w)
@@ -124,13 +126,11 @@ class Projector(nnx.Module):
     """
 
     def __init__(self, din: int, dout: int, depth: int, *, rngs: nnx.Rngs, axes_in=("embed", "mlp"),
-                 axes_out=("mlp", "embed"), param_dtype="float32", dtype="float32"):
+                 axes_out=("mlp", "embed"), **kw):
         self.depth = depth
         for i in range(depth):
             a = axes_in if i == 0 else axes_out
-            setattr(self, f"linear_{2 * i}",
-                    Linear(din if i == 0 else dout, dout, axes=a, rngs=rngs,
-                           param_dtype=param_dtype, dtype=dtype))
+            setattr(self, f"linear_{2 * i}", Linear(din if i == 0 else dout, dout, axes=a, rngs=rngs, **kw))
 
     def __call__(self, x):
         for i in range(self.depth):
@@ -158,7 +158,7 @@ def scan_layers(layers: nnx.Module, body, carry, xs=None, *, unroll: bool = Fals
         n = jax.tree.leaves(state)[0].shape[0]
         ys = []
         for i in range(n):
-            carry, y = step(carry, jax.tree.map(lambda a: a[i], (state, xs)))
+            carry, y = step(carry, jax.tree.map(operator.itemgetter(i), (state, xs)))
             ys.append(y)
         ys = None if ys[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *ys)
         return carry, ys

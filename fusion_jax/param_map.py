@@ -79,18 +79,18 @@ def param_table(cfg: FusionConfig) -> list[Row]:
         for k in range(cfg.projector_depth):
             _linear(rows, f"model.{proj}.linear_{2 * k}", f"model.{proj}.{2 * k}")
 
-    if cfg.use_card and cfg.num_sampler_layers:
-        S = cfg.num_sampler_layers
-        os_, hs = "model.vision_sampler_layers", "model.vision_sampler_layers.{i}.layers.0"
-        _linear(rows, f"{os_}.proj_in", f"{hs}.proj_in", False, S)
-        _linear(rows, f"{os_}.proj_out.linear_1", f"{hs}.proj_out.linear_1", False, S)
-        _linear(rows, f"{os_}.proj_out.linear_2", f"{hs}.proj_out.linear_2", False, S)
-        _norm(rows, f"{os_}.norm", f"{hs}.norm", True, S)
+    if cfg.use_card and cfg.num_sampler_layers:  # CARD's interaction layers
+        n = cfg.num_sampler_layers
+        oi, hi = "model.vision_sampler_layers", "model.vision_sampler_layers.{i}.layers.0"
+        _linear(rows, f"{oi}.proj_in", f"{hi}.proj_in", False, n)
+        _linear(rows, f"{oi}.proj_out.linear_1", f"{hi}.proj_out.linear_1", False, n)
+        _linear(rows, f"{oi}.proj_out.linear_2", f"{hi}.proj_out.linear_2", False, n)
+        _norm(rows, f"{oi}.norm", f"{hi}.norm", True, n)
         for p in ("q_proj", "k_proj", "v_proj"):
-            _norm(rows, f"{os_}.cross_attn.{p}.layer_norm", f"{hs}.cross_attn.{p}.0", True, S)
-            _linear(rows, f"{os_}.cross_attn.{p}.linear", f"{hs}.cross_attn.{p}.1", False, S)
-        _linear(rows, f"{os_}.cross_attn.o_proj", f"{hs}.cross_attn.o_proj", False, S)
-        _linear(rows, f"{os_}.proj_context", f"{hs}.proj_context", False, S)
+            _norm(rows, f"{oi}.cross_attn.{p}.layer_norm", f"{hi}.cross_attn.{p}.0", True, n)
+            _linear(rows, f"{oi}.cross_attn.{p}.linear", f"{hi}.cross_attn.{p}.1", False, n)
+        _linear(rows, f"{oi}.cross_attn.o_proj", f"{hi}.cross_attn.o_proj", False, n)
+        _linear(rows, f"{oi}.proj_context", f"{hi}.proj_context", False, n)
 
     if not c.tie_word_embeddings:
         _linear(rows, "lm_head", "lm_head", False)

@@ -13,8 +13,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -60,13 +59,13 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
     return Mesh(arr, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
-def spec_for(axes: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh, rules=RULES) -> P:
+def spec_for(axes: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh, rules=RULES) -> PartitionSpec:
     if not axes:
-        return P()
+        return PartitionSpec()
     table = dict(rules)
     used: set[str] = set()
     out = []
-    for name, dim in zip(axes, shape):
+    for name, dim in zip(axes, shape, strict=False):  # fewer axes than dims: the rest replicate
         target = table.get(name) if name is not None else None
         if target is None:
             out.append(None)
@@ -81,29 +80,23 @@ def spec_for(axes: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh
             size *= n
         used.update(keep)
         out.append(None if not keep else (keep[0] if len(keep) == 1 else tuple(keep)))
-    return P(*out)
+    return PartitionSpec(*out)
 
 
-def state_shardings(state, mesh: Mesh, rules=RULES):
-    """NamedSharding for every variable of an nnx State (abstract or concrete)."""
+def logical_shardings(state: nnx.State, mesh: Mesh, rules=RULES) -> dict:
+    """NamedSharding of every Variable of `state` (abstract or concrete) from its `logical_axes`,
+    as a pure dict shaped like `nnx.to_pure_dict(state)`."""
     def one(v):
-        axes = v.get_metadata().get("logical_axes")
-        return NamedSharding(mesh, spec_for(axes, v.get_value().shape, mesh, rules))
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        return NamedSharding(mesh, spec_for(v.get_metadata().get("logical_axes"), v.get_value().shape, mesh, rules))
+    return nnx.to_pure_dict(jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
 def shard_model(model, mesh: Mesh, rules=RULES):
     """Place a model's parameters on `mesh` according to the rules (in place)."""
     state = nnx.state(model)
-    sh = state_shardings(state, mesh, rules)
-    nnx.update(model, jax.device_put(state, sh))
+    nnx.replace_by_pure_dict(state, jax.device_put(nnx.to_pure_dict(state), logical_shardings(state, mesh, rules)))
+    nnx.update(model, state)
     return model
-
-
-def under_sharded_mesh() -> bool:
-    """True while tracing under a multi-device mesh (`jax.set_mesh` / `use_abstract_mesh`)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return mesh is not None and not mesh.empty and mesh.size > 1
 
 
 def constrain(x, *axes):
@@ -114,15 +107,13 @@ def constrain(x, *axes):
     return jax.lax.with_sharding_constraint(x, spec_for(axes, x.shape, mesh))
 
 
-def batch_spec(ndim: int) -> P:
-    return P(("data", "fsdp"), *([None] * (ndim - 1)))
-
-
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
-    """Put host arrays on the mesh, batch axis over data x fsdp (dropped if it does not divide)."""
+    """This process's rows of every array of `batch` -> global arrays, batch axis over data x fsdp
+    (replicated where the global batch does not divide). Pass only the arrays the model reads."""
     out = {}
     for k, v in batch.items():
-        v = np.asarray(v) if not isinstance(v, jax.Array) else v
-        spec = spec_for(("batch",) + (None,) * (v.ndim - 1), v.shape, mesh) if v.ndim else P()
-        out[k] = jax.device_put(v, NamedSharding(mesh, spec))
+        v = np.asarray(v)
+        global_shape = (v.shape[0] * jax.process_count(),) + v.shape[1:] if v.ndim else ()
+        spec = spec_for(("batch",) + (None,) * (v.ndim - 1), global_shape, mesh) if v.ndim else PartitionSpec()
+        out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), v)
     return out

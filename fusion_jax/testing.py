@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from fusion_jax.config import FusionConfig
-from fusion_jax.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX, INSTRUCT_INDEX, LATENT_IMAGE_TOKEN_INDEX
+from fusion_jax.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX, INSTRUCT_INDEX, LATENT_IMAGE_TOKEN_INDEX, NUM_CROPS
 from fusion_jax.layout import build_layout
 
 
@@ -33,7 +33,7 @@ def random_batch(cfg: FusionConfig, *, batch: int = 2, query_len: int | None = N
                        query_len=q, max_questions=max_questions, seq_len=seq_len,
                        instruct_len=instruct_len, max_length=cfg.max_length)
     S = cfg.vision.image_size
-    imgs = rng.uniform(-1, 1, size=(batch, 5, cfg.vision.num_channels, S, S)).astype(np.float32)
+    imgs = rng.uniform(-1, 1, size=(batch, NUM_CROPS, cfg.vision.num_channels, S, S)).astype(np.float32)
     for b in text_only:
         imgs[b] = 0
     lay["images"] = imgs

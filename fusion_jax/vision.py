@@ -17,15 +17,15 @@ import numpy as np
 from flax import nnx
 
 from fusion_jax.attention import attention
-from fusion_jax.config import POSEMB_INITS, VisionConfig
+from fusion_jax.config import VisionConfig
 from fusion_jax.nn import ACT, LayerNorm, Linear, _param, dtype_of, remat, scan_layers
 from fusion_jax.sharding import constrain
 
 
 class SiglipAttention(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, stack, rngs, param_dtype, dtype, attn_impl="auto"):
+    def __init__(self, cfg: VisionConfig, *, attn_impl="auto", **kw):
+        """kw: Linear's options (stack, rngs, param_dtype, dtype, linear_2d)."""
         D = cfg.hidden_size
-        kw = dict(stack=stack, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         self.q_proj = Linear(D, D, axes=("vision_embed", "vision_heads"), **kw)
         self.k_proj = Linear(D, D, axes=("vision_embed", "vision_heads"), **kw)
         self.v_proj = Linear(D, D, axes=("vision_embed", "vision_heads"), **kw)
@@ -45,8 +45,7 @@ class SiglipAttention(nnx.Module):
 
 
 class SiglipMLP(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, stack, rngs, param_dtype, dtype):
-        kw = dict(stack=stack, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+    def __init__(self, cfg: VisionConfig, **kw):
         self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size, axes=("vision_embed", "vision_mlp"), **kw)
         self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size, axes=("vision_mlp", "vision_embed"), **kw)
         self.act = cfg.hidden_act
@@ -57,42 +56,25 @@ class SiglipMLP(nnx.Module):
 
 class SiglipEncoderLayer(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, stack=(), rngs, param_dtype="float32", dtype="float32",
-                 attn_impl="auto"):
+                 attn_impl="auto", linear_2d=False):
         kw = dict(stack=stack, param_dtype=param_dtype, dtype=dtype)
         self.layer_norm1 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, **kw)
-        self.self_attn = SiglipAttention(cfg, rngs=rngs, attn_impl=attn_impl, **kw)
+        self.self_attn = SiglipAttention(cfg, rngs=rngs, attn_impl=attn_impl, linear_2d=linear_2d, **kw)
         self.layer_norm2 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, **kw)
-        self.mlp = SiglipMLP(cfg, rngs=rngs, **kw)
+        self.mlp = SiglipMLP(cfg, rngs=rngs, linear_2d=linear_2d, **kw)
 
     def __call__(self, x, keep, uniform):
         x = x + self.self_attn(self.layer_norm1(x), keep, uniform)
         return x + self.mlp(self.layer_norm2(x))
 
 
-def sincos_2d(grid: int, dim: int, temperature: float = 10000.0) -> np.ndarray:
-    """[grid*grid, dim] fixed 2-D sin/cos position code, patches row-major: a quarter of the
-    channels each for sin(x w), cos(x w), sin(y w), cos(y w) over dim/4 geometric frequencies."""
-    if dim % 4:
-        raise ValueError(f"sincos2d position init needs a hidden size divisible by 4, got {dim}")
-    w = 1.0 / temperature ** (np.arange(dim // 4) / (dim // 4))
-    y, x = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
-    ax, ay = x.reshape(-1, 1) * w, y.reshape(-1, 1) * w
-    return np.concatenate([np.sin(ax), np.cos(ax), np.sin(ay), np.cos(ay)], 1).astype(np.float32)
-
-
-
 class SiglipEmbeddings(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, rngs, param_dtype, dtype, posemb_init="normal"):
+    def __init__(self, cfg: VisionConfig, *, rngs, param_dtype, dtype, linear_2d=False):
         p, C, D = cfg.patch_size, cfg.num_channels, cfg.hidden_size
         # Conv2d(k=p, stride=p) as a matmul over flattened (C, p, p) patches.
         self.patch_embedding = Linear(C * p * p, D, axes=("patch", "vision_embed"), rngs=rngs,
-                                      param_dtype=param_dtype, dtype=dtype)
-        # drawn in every case, so the choice leaves every other parameter's init unchanged
+                                      param_dtype=param_dtype, dtype=dtype, linear_2d=linear_2d)
         e = jax.random.normal(rngs.params(), (cfg.num_patches, D), jnp.float32) * 0.02
-        if posemb_init == "sincos2d":  # a tower trained from scratch: x and y linearly readable
-            e = jnp.asarray(sincos_2d(math.isqrt(cfg.num_patches), D))
-        elif posemb_init != "normal":
-            raise ValueError(f"vision_posemb_init={posemb_init!r}: expected one of {POSEMB_INITS}")
         self.position_embedding = _param(e.astype(param_dtype), ("patch_pos", "vision_embed"))
         self.patch_size, self.dtype = p, dtype
 
@@ -112,12 +94,12 @@ class SiglipVisionTower(nnx.Module):
 
     def __init__(self, cfg: VisionConfig, *, rngs, param_dtype="float32", dtype="float32",
                  early_mask_mode="reference", remat_policy="none", scan=True, attn_impl="auto",
-                 posemb_init="normal"):
+                 linear_2d=False):
         self.cfg = cfg
         self.embeddings = SiglipEmbeddings(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype,
-                                           posemb_init=posemb_init)
-        self.layers = SiglipEncoderLayer(cfg, stack=(cfg.num_layers,), rngs=rngs,
-                                         param_dtype=param_dtype, dtype=dtype, attn_impl=attn_impl)
+                                           linear_2d=linear_2d)
+        self.layers = SiglipEncoderLayer(cfg, stack=(cfg.num_layers,), rngs=rngs, param_dtype=param_dtype,
+                                         dtype=dtype, attn_impl=attn_impl, linear_2d=linear_2d)
         self.post_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps,
                                         param_dtype=param_dtype, dtype=dtype)
         self.early_mask_mode, self.remat_policy, self.scan = early_mask_mode, remat_policy, scan
@@ -189,9 +171,9 @@ def adaptive_bins(size: int, out: int) -> np.ndarray:
     """
     starts = [(i * size) // out for i in range(out)]
     ends = [-(-((i + 1) * size) // out) for i in range(out)]
-    kmax = max(e - s for s, e in zip(starts, ends))
+    kmax = max(e - s for s, e in zip(starts, ends, strict=True))
     idx = np.zeros((out, kmax), np.int32)
-    for i, (s, e) in enumerate(zip(starts, ends)):
+    for i, (s, e) in enumerate(zip(starts, ends, strict=True)):
         row = list(range(s, e))
         idx[i] = row + [s] * (kmax - len(row))
     return idx

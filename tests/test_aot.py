@@ -23,6 +23,9 @@ MICRO = textwrap.dedent("""
         tc.model.scan_layers = True
         tc.model.remat_policy = "full"
         tc.model.vision_remat_policy = "full"
+        tc.model.linear_2d = False             # the single-device CPU choices are off on a mesh
+        tc.model.ce_skip_empty_chunks = False
+        tc.model.attention_impl = "auto"
         tc.model.tiny.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                   num_attention_heads=2, vision_hidden_size=16, vision_intermediate_size=32,
                                   vision_layers=3, vision_heads=2, image_size=16, patch_size=4,

@@ -1,4 +1,7 @@
-"""The CPU `loop` attention equals the batched `xla` one (values and gradients), masks and GQA included."""
+"""The CPU `loop` and the `chunked` attention equal the batched `xla` one (values and gradients), masks and
+GQA included; the implementation is the config's choice alone."""
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +24,7 @@ def _inputs(B=2, Q=70, K=70, H=4, KV=2, d=8, seed=0):
                                              (2, True, "chunked"), (4, False, "chunked")])
 def test_other_impls_equal_xla(kv, masked, impl, monkeypatch):
     monkeypatch.setattr("fusion_jax.attention.CHUNK", 32)   # 70 queries -> 3 chunks, padded
+    monkeypatch.setattr("fusion_jax.attention.LOOP_MIN_QUERIES", 64)   # 70 queries -> the loop
     q, k, v, keep, uniform = _inputs(KV=kv)
     kw = dict(keep=keep, uniform=uniform) if masked else {}
 
@@ -33,27 +37,24 @@ def test_other_impls_equal_xla(kv, masked, impl, monkeypatch):
         ga = jax.jit(jax.grad(f("xla"), argnums=(0, 1, 2)))(q, k, v)
         gb = jax.jit(jax.grad(f(impl), argnums=(0, 1, 2)))(q, k, v)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
-    for x, y in zip(ga, gb):
+    for x, y in zip(ga, gb, strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
 
 
-def test_uniform_rows_average_all_values():
+def test_uniform_rows_average_all_values(monkeypatch):
+    monkeypatch.setattr("fusion_jax.attention.LOOP_MIN_QUERIES", 64)
     q, k, v, keep, _ = _inputs(KV=4)
     uniform = jnp.zeros((2, 70), bool).at[:, 5].set(True)
     o = attention(q, k, v, keep=keep, uniform=uniform, impl="loop")
     np.testing.assert_allclose(np.asarray(o[:, 5]), np.asarray(v.mean(1)), atol=1e-5)
 
 
-def test_auto_picks_xla_when_sharded_or_decoding():
-    assert resolve_impl("auto", 1) == "xla"
-    if jax.default_backend() == "cpu":
-        assert resolve_impl("auto", 1024) == "loop"
-    mesh = jax.make_mesh((len(jax.devices()),), ("data",),
-                         axis_types=(jax.sharding.AxisType.Auto,))
-    if mesh.size > 1:
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            assert resolve_impl("auto", 128) == "xla"
-            assert resolve_impl("auto", 300) == "xla"
-            assert resolve_impl("auto", 4096) == "chunked"
+def test_impl_choice_ignores_the_mesh():
+    mesh = jax.make_mesh((len(jax.devices()),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    for ctx in (contextlib.nullcontext(), jax.sharding.use_abstract_mesh(mesh.abstract_mesh)):
+        with ctx:
+            assert [resolve_impl("auto", n) for n in (1, 300, 4096)] == ["xla", "xla", "chunked"]
+            assert [resolve_impl("loop", n) for n in (1, 255, 256, 4096)] == ["xla", "xla", "loop", "loop"]
+            assert resolve_impl("chunked", 8) == "chunked" and resolve_impl("xla", 4096) == "xla"
     with pytest.raises(ValueError, match="attention_impl"):
         resolve_impl("flash", 128)

@@ -103,18 +103,15 @@ def parse_mesh(s) -> tuple[int, ...]:
 
 
 def build_mesh(devices, shape):
-    import jax
-    import numpy as np
-    from jax.sharding import Mesh
+    """`sharding.make_mesh` over `devices`, in mesh_utils' ICI-aware order where it maps the shape (TPU)."""
+    from jax.experimental import mesh_utils
 
-    from fusion_jax.sharding import MESH_AXES, resolve_mesh_shape
-    shape = resolve_mesh_shape(shape, len(devices))
+    from fusion_jax.sharding import make_mesh, resolve_mesh_shape
     try:
-        from jax.experimental import mesh_utils
-        arr = mesh_utils.create_device_mesh(shape, devices)   # ICI-aware order on TPU
+        devices = list(mesh_utils.create_device_mesh(resolve_mesh_shape(shape, len(devices)), devices).flat)
     except Exception:  # noqa: BLE001  (CPU devices or shapes the helper does not map)
-        arr = np.asarray(devices).reshape(shape)
-    return Mesh(arr, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+        pass
+    return make_mesh(shape, devices)
 
 
 # ----------------------------------------------------------------------------- compile
@@ -146,6 +143,89 @@ def _cost(compiled) -> dict:
     return dict(c or {})
 
 
+def _apply_overrides(tc, *, mesh_shape, remat, vision_remat, batch, grad_accum, compute_dtype, scan_layers, seq):
+    over = {"mesh": None if mesh_shape is None else tuple(mesh_shape), "global_batch_size": batch,
+            "grad_accum": grad_accum, "model.remat_policy": remat, "model.vision_remat_policy": vision_remat,
+            "model.compute_dtype": compute_dtype, "model.scan_layers": scan_layers, "data.max_length": seq}
+    with tc.unlocked():
+        for key, val in over.items():
+            if val is not None:
+                *parents, name = key.split(".")
+                node = tc
+                for part in parents:
+                    node = node[part]
+                node[name] = val
+        # Setup validates data.path for real datasets; AOT needs no data.
+        tc.data.source = "synth"
+        tc.init_from = ""
+
+
+def _abstract_sharded_batch(s, mesh, shape: dict) -> dict:
+    from jax import ShapeDtypeStruct
+
+    from fusion_jax.train import step as step_lib
+    ab = step_lib.abstract_batch(s.cfg, shape["global_batch"], shape["seq_len"], shape["query_len"],
+                                 instruct_len=shape["instruct_len"], max_questions=shape["max_questions"])
+    bsh = step_lib.batch_shardings(mesh)
+    return {k: ShapeDtypeStruct(v.shape, v.dtype, sharding=bsh[k]) for k, v in ab.items()}
+
+
+def _compile_error(rep: dict, e: Exception, chip: dict) -> dict:
+    """Report a failed compile: `oom` (over HBM, with the compiler's figures when it gives them) or `error`."""
+    msg = str(e)
+    oom = parse_oom(msg) if ("RESOURCE_EXHAUSTED" in msg or "out of memory" in msg.lower()) else None
+    if oom is None and "RESOURCE_EXHAUSTED" not in msg:
+        rep.update(fits=False, error=msg.splitlines()[0][:500] if msg else type(e).__name__, status="error")
+        return rep
+    rep.update(fits=False, status="oom", error=" ".join(msg.split())[:600],
+               bytes_per_device=int(oom[0]) if oom else None)
+    if oom:
+        rep["hbm_bytes_per_device"] = int(oom[1]) if not chip["hbm"] else chip["hbm"]
+        rep["compiler_hbm_capacity"] = int(oom[1])
+    return rep
+
+
+def _memory(rep: dict, compiled, chip: dict):
+    mem = compiled.memory_analysis()
+
+    def g(name):
+        return int(getattr(mem, name, 0) or 0) if mem is not None else 0
+
+    arg, out, alias, tmp, code = (g("argument_size_in_bytes"), g("output_size_in_bytes"),
+                                  g("alias_size_in_bytes"), g("temp_size_in_bytes"),
+                                  g("generated_code_size_in_bytes"))
+    total = arg + out - alias + tmp + code
+    rep.update(argument_bytes=arg, output_bytes=out, alias_bytes=alias, temp_bytes=tmp, code_bytes=code,
+               bytes_per_device=total)
+    hbm = chip["hbm"]
+    rep["fits"] = bool(hbm is None or total <= hbm)
+    rep["hbm_fraction"] = round(total / hbm, 4) if hbm else None
+
+
+def _flops_and_roofline(rep: dict, compiled, chip: dict, n_devices: int):
+    cost = _cost(compiled)
+    dev_flops = float(cost.get("flops", 0.0) or 0.0)
+    dev_bytes = float(cost.get("bytes accessed", 0.0) or 0.0)
+    model_flops, peak = rep["model_flops_per_step"], rep["peak_flops_per_device"]
+    rep["flops_per_device"] = dev_flops
+    rep["flops_per_step"] = dev_flops * n_devices
+    rep["compiled_over_model_flops"] = round(rep["flops_per_step"] / model_flops, 4) if model_flops else None
+    rep["bytes_accessed_per_device"] = dev_bytes
+    # XLA's cost analysis counts a while loop's body once, so scanned layers are undercounted:
+    # the roofline uses the analytic model FLOPs, times the recompute factor of the remat policy.
+    rep["flops_note"] = "cost_analysis counts each scan (while) body once; compare only unscanned"
+    recompute = {"full": 4 / 3, "nothing": 4 / 3, "dots": 1.0, "dots_no_batch": 1.1, "none": 1.0}
+    f_exec = model_flops * recompute.get(rep["remat_policy"], 1.0)
+    rep["executed_flops_estimate"] = f_exec
+    if peak:
+        rep["roofline_model_flops_s"] = model_flops / (peak * n_devices)   # 100% MFU step time
+        rep["roofline_step_s"] = f_exec / (peak * n_devices)               # + remat recompute
+        rep["roofline_mfu"] = rep["roofline_model_flops_s"] / rep["roofline_step_s"]
+        rep["roofline_tokens_per_s_per_device"] = (rep["global_batch"] * rep["seq_len"] / rep["roofline_step_s"]
+                                                   / n_devices)
+    rep["hbm_traffic_s_lower_bound"] = dev_bytes / chip["bw"] if chip.get("bw") else None
+
+
 def aot_compile(tc, topology: str, *, mesh_shape=None, remat: str | None = None,
                 vision_remat: str | None = None, batch: int | None = None, seq: int | None = None,
                 query_len: int | None = None, max_questions: int | None = None,
@@ -156,64 +236,36 @@ def aot_compile(tc, topology: str, *, mesh_shape=None, remat: str | None = None,
     import jax
 
     from fusion_jax.train import flops as flops_lib
-    from fusion_jax.train import step as step_lib
     from fusion_jax.train.loop import Setup
 
-    with tc.unlocked():
-        if mesh_shape is not None:
-            tc.mesh = tuple(mesh_shape)
-        if remat is not None:
-            tc.model.remat_policy = remat
-        if vision_remat is not None:
-            tc.model.vision_remat_policy = vision_remat
-        if batch is not None:
-            tc.global_batch_size = int(batch)
-        if grad_accum is not None:
-            tc.grad_accum = int(grad_accum)
-        if compute_dtype is not None:
-            tc.model.compute_dtype = compute_dtype
-        if scan_layers is not None:
-            tc.model.scan_layers = bool(scan_layers)
-        if seq is not None:
-            tc.data.max_length = int(seq)
-        # Setup validates data.path for real datasets; AOT needs no data.
-        tc.data.source = "synth"
-        tc.init_from = ""
+    _apply_overrides(tc, mesh_shape=mesh_shape, remat=remat, vision_remat=vision_remat, batch=batch,
+                     grad_accum=grad_accum, compute_dtype=compute_dtype, scan_layers=scan_layers, seq=seq)
     devices = topology_devices(topology)
     mesh = build_mesh(devices, tuple(tc.mesh))
     chip = chip_info(devices[0])
     t0 = time.perf_counter()
     s = Setup(tc, None, mesh=mesh)
     cfg = s.cfg
-    S = int(tc.data.max_length)
-    q = int(query_len or max(cfg.query_len))
-    L = int(max_questions or tc.data.max_questions)
-    T = int(instruct_len or tc.data.max_instruct_len)
-    B = int(tc.global_batch_size)
-    ab = step_lib.abstract_batch(cfg, B, S, q, instruct_len=T, max_questions=L)
-    bsh = step_lib.batch_shardings(mesh)
-    ab = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=bsh[k]) for k, v in ab.items()}
+    shape = {"global_batch": int(tc.global_batch_size), "seq_len": int(tc.data.max_length),
+             "query_len": int(query_len or max(cfg.query_len)),
+             "max_questions": int(max_questions or tc.data.max_questions),
+             "instruct_len": int(instruct_len or tc.data.max_instruct_len)}
+    ab = _abstract_sharded_batch(s, mesh, shape)
     state = s.sharded_abstract_state()
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(s.abstract_params))
-    t_setup = time.perf_counter() - t0
-    log(f"{cfg.llm.family} {n_params / 1e9:.2f}B params | {len(devices)} x {chip['kind']} | mesh "
-        f"{dict(mesh.shape)} | batch {B} x {S} (grad_accum {tc.grad_accum}, q {q}, L {L}, T {T}) | "
-        f"remat {tc.model.remat_policy}/{tc.model.vision_remat_policy} | {tc.model.compute_dtype}")
-
     rep = {
         "topology": topology, "device_kind": chip["kind"], "chip": chip["name"], "num_devices": len(devices),
-        "mesh": dict(mesh.shape), "remat_policy": tc.model.remat_policy,
-        "vision_remat_policy": tc.model.vision_remat_policy, "compute_dtype": tc.model.compute_dtype,
-        "global_batch": B, "grad_accum": int(tc.grad_accum), "seq_len": S, "query_len": q,
-        "max_questions": L, "instruct_len": T, "n_params": n_params, "scan_layers": bool(tc.model.scan_layers),
-        "hbm_bytes_per_device": chip["hbm"], "setup_s": round(t_setup, 2),
+        "mesh": dict(mesh.shape), "remat_policy": cfg.remat_policy,
+        "vision_remat_policy": cfg.vision_remat_policy or cfg.remat_policy, "compute_dtype": cfg.compute_dtype,
+        "grad_accum": int(tc.grad_accum), **shape, "n_params": n_params, "scan_layers": cfg.scan_layers,
+        "hbm_bytes_per_device": chip["hbm"], "setup_s": round(time.perf_counter() - t0, 2),
+        "model_flops_per_step": flops_lib.train_flops_per_step(cfg, {k: v.shape for k, v in ab.items()}),
+        "peak_flops_per_device": flops_lib.peak_flops(devices[0]),
     }
-    shapes = {k: v.shape for k, v in ab.items()}
-    model_flops = flops_lib.train_flops_per_step(cfg, shapes)
-    rep["model_flops_per_step"] = model_flops
-    peak = flops_lib.peak_flops(devices[0])
-    rep["peak_flops_per_device"] = peak
-
+    log(f"{cfg.llm.family} {n_params / 1e9:.2f}B params | {len(devices)} x {chip['kind']} | mesh "
+        f"{rep['mesh']} | batch {rep['global_batch']} x {rep['seq_len']} (grad_accum {rep['grad_accum']}, "
+        f"q {rep['query_len']}, questions {rep['max_questions']}, instruct {rep['instruct_len']}) | "
+        f"remat {rep['remat_policy']}/{rep['vision_remat_policy']} | {rep['compute_dtype']}")
     t1 = time.perf_counter()
     lowered = s.train_step.lower(state, ab)
     rep["lower_s"] = round(time.perf_counter() - t1, 2)
@@ -222,50 +274,11 @@ def aot_compile(tc, topology: str, *, mesh_shape=None, remat: str | None = None,
     try:
         compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001  (XlaRuntimeError RESOURCE_EXHAUSTED on TPU)
-        msg = str(e)
         rep["compile_s"] = round(time.perf_counter() - t2, 2)
-        oom = parse_oom(msg) if ("RESOURCE_EXHAUSTED" in msg or "out of memory" in msg.lower()) else None
-        if oom is None and "RESOURCE_EXHAUSTED" not in msg:
-            rep.update(fits=False, error=msg.splitlines()[0][:500] if msg else type(e).__name__, status="error")
-            return rep
-        rep.update(fits=False, status="oom", error=" ".join(msg.split())[:600],
-                   bytes_per_device=int(oom[0]) if oom else None)
-        if oom:
-            rep["hbm_bytes_per_device"] = int(oom[1]) if not chip["hbm"] else chip["hbm"]
-            rep["compiler_hbm_capacity"] = int(oom[1])
-        return rep
+        return _compile_error(rep, e, chip)
     rep["compile_s"] = round(time.perf_counter() - t2, 2)
-    mem = compiled.memory_analysis()
-    g = lambda n: int(getattr(mem, n, 0) or 0) if mem is not None else 0
-    arg, out, alias, tmp, code = (g("argument_size_in_bytes"), g("output_size_in_bytes"),
-                                  g("alias_size_in_bytes"), g("temp_size_in_bytes"),
-                                  g("generated_code_size_in_bytes"))
-    total = arg + out - alias + tmp + code
-    rep.update(argument_bytes=arg, output_bytes=out, alias_bytes=alias, temp_bytes=tmp, code_bytes=code,
-               bytes_per_device=total)
-    hbm = chip["hbm"]
-    rep["fits"] = bool(hbm is None or total <= hbm)
-    rep["hbm_fraction"] = round(total / hbm, 4) if hbm else None
-    cost = _cost(compiled)
-    dev_flops = float(cost.get("flops", 0.0) or 0.0)
-    dev_bytes = float(cost.get("bytes accessed", 0.0) or 0.0)
-    rep["flops_per_device"] = dev_flops
-    rep["flops_per_step"] = dev_flops * len(devices)
-    rep["compiled_over_model_flops"] = round(rep["flops_per_step"] / model_flops, 4) if model_flops else None
-    rep["bytes_accessed_per_device"] = dev_bytes
-    # XLA's cost analysis counts a while loop's body once, so scanned layers are undercounted:
-    # the roofline uses the analytic model FLOPs, times the recompute factor of the remat policy.
-    rep["flops_note"] = "cost_analysis counts each scan (while) body once; compare only unscanned"
-    recompute = {"full": 4 / 3, "nothing": 4 / 3, "dots": 1.0, "dots_no_batch": 1.1, "none": 1.0}
-    f_exec = model_flops * recompute.get(tc.model.remat_policy, 1.0)
-    rep["executed_flops_estimate"] = f_exec
-    if peak:
-        rep["roofline_model_flops_s"] = model_flops / (peak * len(devices))   # 100% MFU step time
-        rep["roofline_step_s"] = f_exec / (peak * len(devices))               # + remat recompute
-        rep["roofline_mfu"] = rep["roofline_model_flops_s"] / rep["roofline_step_s"]
-        rep["roofline_tokens_per_s_per_device"] = B * S / rep["roofline_step_s"] / len(devices)
-    t_mem = dev_bytes / chip["bw"] if chip.get("bw") else None
-    rep["hbm_traffic_s_lower_bound"] = t_mem
+    _memory(rep, compiled, chip)
+    _flops_and_roofline(rep, compiled, chip, len(devices))
     rep["status"] = "ok" if rep["fits"] else "over_hbm"
     return rep
 
@@ -317,7 +330,10 @@ def main(argv=None) -> int:
     p.add_argument("--unrolled", action="store_true", help="scan_layers=False (compile-time comparison)")
     p.add_argument("--json", action="store_true", help="last stdout line: one JSON object")
     a = p.parse_args(argv)
-    log = lambda s: print(s, file=sys.stderr if a.json else sys.stdout, flush=True)
+
+    def log(msg):
+        print(msg, file=sys.stderr if a.json else sys.stdout, flush=True)
+
     try:
         tc = load_train_config(a.config)
         rep = aot_compile(tc, a.topology, mesh_shape=parse_mesh(a.mesh) if a.mesh else None,

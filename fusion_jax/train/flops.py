@@ -7,21 +7,22 @@ layers; training = 3x forward (backward = 2x). Rematerialisation is not counted 
 from __future__ import annotations
 
 from fusion_jax.config import FusionConfig
+from fusion_jax.constants import NUM_CROPS, NUM_TILES
 
 
 def vision_flops(cfg: FusionConfig, n_tokens: int) -> float:
     v = cfg.vision
-    D, I, N = v.hidden_size, v.intermediate_size, n_tokens
-    per_layer = 2 * N * (4 * D * D + 2 * D * I) + 4 * N * N * D
+    D, F, N = v.hidden_size, v.intermediate_size, n_tokens
+    per_layer = 2 * N * (4 * D * D + 2 * D * F) + 4 * N * N * D
     patch = 2 * v.num_patches * (v.num_channels * v.patch_size ** 2) * D
     return patch + v.num_layers * per_layer
 
 
 def decoder_flops(cfg: FusionConfig, seq_len: int) -> float:
     c = cfg.llm
-    D, I, S, hd = c.hidden_size, c.intermediate_size, seq_len, c.dim_per_head
+    D, F, S, hd = c.hidden_size, c.intermediate_size, seq_len, c.dim_per_head
     Hq, Hkv = c.num_attention_heads, c.num_key_value_heads
-    per_layer = 2 * S * (D * (Hq + 2 * Hkv) * hd + Hq * hd * D + 3 * D * I) + 4 * S * S * Hq * hd
+    per_layer = 2 * S * (D * (Hq + 2 * Hkv) * hd + Hq * hd * D + 3 * D * F) + 4 * S * S * Hq * hd
     return c.num_hidden_layers * per_layer + 2 * S * D * c.vocab_size
 
 
@@ -36,12 +37,12 @@ def interaction_flops(cfg: FusionConfig, query_len: int, max_questions: int) -> 
                  + 2 * n_lat * D * D * 2       # q, o
                  + 4 * n_lat * w2 * D          # scores + weighted sum
                  + 2 * n_lat * 2 * D * D)      # MLP
-    return len(cfg.sampler_after) * per_layer
+    return len(cfg.interaction_after) * per_layer
 
 
 def projector_flops(cfg: FusionConfig, instruct_len: int) -> float:
     Dv, D, P, T = cfg.vision.hidden_size, cfg.llm.hidden_size, cfg.vision.num_patches, instruct_len
-    mm = 2 * (3 * Dv * D + D * D) * (5 * P + (T if cfg.use_tune else 0))
+    mm = 2 * (3 * Dv * D + D * D) * (NUM_CROPS * P + (T if cfg.use_tune else 0))
     aux = 2 * (D * Dv + Dv * Dv) * ((T if cfg.use_tune else 0) + P)
     return mm + aux
 
@@ -51,7 +52,7 @@ def forward_flops_per_sample(cfg: FusionConfig, *, seq_len: int, query_len: int,
     P = cfg.vision.num_patches
     T = instruct_len if cfg.use_tune else 0
     parts = {
-        "vision": 4 * vision_flops(cfg, P) + vision_flops(cfg, P + T),
+        "vision": NUM_TILES * vision_flops(cfg, P) + vision_flops(cfg, P + T),
         "projector": projector_flops(cfg, instruct_len),
         "llm": decoder_flops(cfg, seq_len),
         "interaction": interaction_flops(cfg, query_len, max_questions),

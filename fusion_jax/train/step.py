@@ -10,7 +10,8 @@ Gradient accumulation: the global batch [A*B, ...] is split into A interleaved m
 share of the global element count (targets for CE, valid instruct tokens and image tokens for
 DSM), so A micro-batches give the same gradient as the one big batch.
 
-AOT: `jax.jit` with explicit in/out shardings; `lower_train_step` lowers it from abstract args.
+AOT: `make_train_step` is `jax.jit` with explicit in/out shardings; `.lower(abstract args)` compiles it
+ahead of time (fusion_jax.tools.aot_compile).
 """
 from __future__ import annotations
 
@@ -19,13 +20,13 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec
 
-from fusion_jax import loss as L
 from fusion_jax.config import FusionConfig
-from fusion_jax.sharding import state_shardings as nnx_state_shardings
+from fusion_jax.constants import IGNORE_INDEX, NUM_CROPS
+from fusion_jax.loss import objective
 
 # Batch entries the model reads (the pipeline also yields ids / query_len / skip counts).
 BATCH_KEYS = ("token_ids", "labels", "attention_mask", "position_ids", "image_pos", "latent_pos",
@@ -38,37 +39,13 @@ BATCH_AXES = ("data", "fsdp")
 
 # ----------------------------------------------------------------------------- model / state
 
-def build_model(cfg: FusionConfig, seed: int = 0, *, vision_remat_policy: str | None = None):
-    """FusionForCausalLM with an optional separate remat policy for the vision tower."""
+def build_model(cfg: FusionConfig, seed: int = 0):
     from fusion_jax.model import FusionForCausalLM
-    model = FusionForCausalLM(cfg, rngs=nnx.Rngs(seed))
-    if vision_remat_policy is not None:
-        model.model.vision_tower.remat_policy = vision_remat_policy
-    return model
+    return FusionForCausalLM(cfg, rngs=nnx.Rngs(seed))
 
 
-def set_vision_remat(model, policy: str | None):
-    if policy is not None:
-        model.model.vision_tower.remat_policy = policy
-    return model
-
-
-def abstract_model(cfg: FusionConfig, *, vision_remat_policy: str | None = None):
-    return nnx.eval_shape(lambda: build_model(cfg, 0, vision_remat_policy=vision_remat_policy))
-
-
-def split_model(model):
-    """(graphdef, params pure dict, param shardings-ready nnx.State)."""
-    graphdef, state = nnx.split(model)
-    return graphdef, state.to_pure_dict(), state
-
-
-def param_shardings(nnx_state, mesh) -> dict:
-    """Pure-dict tree of NamedShardings from the logical rules."""
-    sh = nnx_state_shardings(nnx_state, mesh)
-    return jax.tree.map(lambda v: v.get_value() if isinstance(v, nnx.Variable) else v,
-                        nnx.State(sh).to_pure_dict() if not isinstance(sh, dict) else sh,
-                        is_leaf=lambda x: isinstance(x, (nnx.Variable, NamedSharding)))
+def abstract_model(cfg: FusionConfig):
+    return nnx.eval_shape(lambda: build_model(cfg, 0))
 
 
 def _names(path) -> tuple:
@@ -78,7 +55,7 @@ def _names(path) -> tuple:
 def opt_state_shardings(abstract_opt_state, params_sharding: dict, mesh):
     """Optimizer leaves that mirror a parameter (Adam mu/nu) take its sharding; the rest replicate."""
     table = {_names(p): s for p, s in jax.tree_util.tree_flatten_with_path(params_sharding)[0]}
-    rep = NamedSharding(mesh, P())
+    rep = NamedSharding(mesh, PartitionSpec())
 
     def one(path, leaf):
         names = _names(path)
@@ -92,7 +69,7 @@ def opt_state_shardings(abstract_opt_state, params_sharding: dict, mesh):
 
 
 def train_state_shardings(abstract_state: dict, params_sharding: dict, mesh) -> dict:
-    rep = NamedSharding(mesh, P())
+    rep = NamedSharding(mesh, PartitionSpec())
     return {"params": params_sharding,
             "opt_state": opt_state_shardings(abstract_state["opt_state"], params_sharding, mesh),
             "step": rep, "rng": rep}
@@ -108,21 +85,21 @@ def abstract_train_state(abstract_params: dict, tx) -> dict:
 
 
 def batch_shardings(mesh, keys=BATCH_KEYS) -> dict:
-    return {k: NamedSharding(mesh, P(BATCH_AXES, *([None] * (BATCH_NDIM[k] - 1)))) for k in keys}
+    return {k: NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (BATCH_NDIM[k] - 1)))) for k in keys}
 
 
 def abstract_batch(cfg: FusionConfig, batch_size: int, seq_len: int, query_len: int,
                    instruct_len: int = 64, max_questions: int = 16) -> dict:
     """ShapeDtypeStructs of one bucket's batch (for AOT lowering and FLOP counting)."""
-    P_ = cfg.vision.num_patches if not cfg.image_token_grid else cfg.num_image_tokens
     S, B, s = seq_len, batch_size, cfg.vision.image_size
     sds = jax.ShapeDtypeStruct
     return {"token_ids": sds((B, S), jnp.int32), "labels": sds((B, S), jnp.int32),
             "attention_mask": sds((B, S), jnp.bool_), "position_ids": sds((B, S), jnp.int32),
-            "image_pos": sds((B, P_), jnp.int32), "latent_pos": sds((B, max_questions * query_len), jnp.int32),
+            "image_pos": sds((B, cfg.num_image_tokens), jnp.int32),
+            "latent_pos": sds((B, max_questions * query_len), jnp.int32),
             "instruct_pos": sds((B, max_questions), jnp.int32), "has_image": sds((B,), jnp.bool_),
             "instructs": sds((B, instruct_len), jnp.int32), "instruct_mask": sds((B, instruct_len), jnp.bool_),
-            "images": sds((B, 5, 3, s, s), jnp.float32)}
+            "images": sds((B, NUM_CROPS, 3, s, s), jnp.float32)}
 
 
 def model_batch(batch: dict) -> dict:
@@ -132,24 +109,23 @@ def model_batch(batch: dict) -> dict:
 
 # ----------------------------------------------------------------------------- loss
 
-def loss_weights(cfg: FusionConfig, batch: dict) -> dict:
-    """Global element counts (CE: target weights) of the three loss terms (data-only, no gradient)."""
-    n_ce = jnp.sum(L.target_weights(batch["labels"][:, 1:], cfg.ce_turn_power))
+def loss_counts(batch: dict) -> dict:
+    """Element counts of the three loss terms (CE targets, instruct tokens, samples): data only."""
+    n_ce = jnp.sum(batch["labels"][:, 1:] != IGNORE_INDEX).astype(jnp.float32)
     n_ins = jnp.sum(batch["instruct_mask"]).astype(jnp.float32)
-    n_vis = jnp.float32(batch["images"].shape[0])  # per-sample mean over P tokens, then over samples
+    n_vis = jnp.float32(batch["images"].shape[0])  # per-sample mean over patches, then over samples
     return {"ce": n_ce, "ins": n_ins, "vis": n_vis}
 
 
 def micro_objective(cfg: FusionConfig, out: dict, mb: dict, totals: dict):
     """This micro-batch's share of the big-batch loss (sums to the big-batch loss)."""
-    w = loss_weights(cfg, mb)
-    frac = lambda k: jnp.where(totals[k] > 0, w[k] / jnp.maximum(totals[k], 1.0), 0.0)
-    ce = out["ce_loss"] * frac("ce")
-    ins = out["instruct_cos_loss"] * frac("ins")
-    vis = out["vision_cos_loss"] * frac("vis")
-    dsm = (ins + vis) if cfg.use_dsm else jnp.float32(0.0)
-    return ce + cfg.dsm_weight * dsm, {"ce_loss": ce, "instruct_cos_loss": ins, "vision_cos_loss": vis,
-                                       "dsm_loss": dsm}
+    w = loss_counts(mb)
+
+    def share(term, k):
+        return out[term] * jnp.where(totals[k] > 0, w[k] / jnp.maximum(totals[k], 1.0), 0.0)
+
+    return objective(cfg, share("ce_loss", "ce"), share("instruct_cos_loss", "ins"),
+                     share("vision_cos_loss", "vis"))
 
 
 # ----------------------------------------------------------------------------- step
@@ -166,20 +142,35 @@ def _split_micro(x, A: int, mesh):
     y = jnp.swapaxes(y, 0, 1)
     if mesh is not None:
         y = jax.lax.with_sharding_constraint(
-            y, NamedSharding(mesh, P(None, BATCH_AXES, *([None] * (x.ndim - 1)))))
+            y, NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, *([None] * (x.ndim - 1)))))
     return y
+
+
+def _accumulate(grad_fn, params, batch, totals, A: int, mesh):
+    """(loss, parts), grads summed over A interleaved micro-batches (scanned)."""
+    micro = jax.tree.map(lambda x: _split_micro(x, A, mesh), batch)
+
+    def body(carry, mb):
+        g_acc, loss_acc, parts_acc = carry
+        (loss, parts), g = grad_fn(params, mb, totals)
+        return (jax.tree.map(jnp.add, g_acc, g), loss_acc + loss, jax.tree.map(jnp.add, parts_acc, parts)), None
+
+    zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    zeros_parts = {k: jnp.float32(0.0) for k in ("ce_loss", "instruct_cos_loss", "vision_cos_loss", "dsm_loss")}
+    zeros_parts["num_targets"] = jnp.int32(0)
+    (grads, loss, parts), _ = jax.lax.scan(body, (zeros_g, jnp.float32(0.0), zeros_parts), micro)
+    return (loss, parts), jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
 
 
 def train_step_fn(cfg: FusionConfig, graphdef, tx, labels, schedules: dict | None = None,
                   opts: StepOptions = StepOptions(), mesh=None) -> Callable:
     """The pure (un-jitted) `train_step(state, batch) -> (state, metrics)`."""
-    frozen = jax.tree.map(lambda l: l == "frozen", labels)
+    frozen = jax.tree.map(lambda label: label == "frozen", labels)
     A = int(opts.grad_accum)
 
     def loss_fn(params, mb, totals):
         params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
-        model = nnx.merge(graphdef, params)
-        out = model(mb, return_logits=False)
+        out = nnx.merge(graphdef, params)(mb, return_logits=False)
         obj, parts = micro_objective(cfg, out, mb, totals)
         parts["num_targets"] = out["num_targets"]
         return obj, parts
@@ -195,26 +186,12 @@ def train_step_fn(cfg: FusionConfig, graphdef, tx, labels, schedules: dict | Non
     def _train_step(state, batch):
         batch = model_batch(batch)
         params = state["params"]
-        totals = loss_weights(cfg, batch)
+        totals = loss_counts(batch)
         if A == 1:
             (loss, parts), grads = grad_fn(params, batch, totals)
         else:
-            micro = jax.tree.map(lambda x: _split_micro(x, A, mesh), batch)
-
-            def body(carry, mb):
-                g_acc, l_acc, p_acc = carry
-                (l, p), g = grad_fn(params, mb, totals)
-                return (jax.tree.map(jnp.add, g_acc, g), l_acc + l,
-                        jax.tree.map(jnp.add, p_acc, p)), None
-
-            zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-            zeros_p = {"ce_loss": 0.0, "instruct_cos_loss": 0.0, "vision_cos_loss": 0.0,
-                       "dsm_loss": 0.0, "num_targets": 0}
-            zeros_p = jax.tree.map(lambda v: jnp.asarray(v, jnp.int32 if isinstance(v, int) else jnp.float32),
-                                   zeros_p)
-            (grads, loss, parts), _ = jax.lax.scan(body, (zeros_g, jnp.float32(0.0), zeros_p), micro)
-            grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-        gnorm = optax_global_norm(grads)
+            (loss, parts), grads = _accumulate(grad_fn, params, batch, totals, A, mesh)
+        gnorm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates)
         rng, _ = jax.random.split(state["rng"])
@@ -224,29 +201,23 @@ def train_step_fn(cfg: FusionConfig, graphdef, tx, labels, schedules: dict | Non
             keep_old = {**state, "step": state["step"] + 1}
             new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, keep_old)
         metrics = {"loss": loss, "grad_norm": gnorm, "finite": finite, **parts}
-        if schedules:
-            for k, s in schedules.items():
-                metrics[k] = jnp.asarray(s(state["step"]), jnp.float32)
+        for k, schedule in (schedules or {}).items():
+            metrics[k] = jnp.asarray(schedule(state["step"]), jnp.float32)
         return new, metrics
 
     return train_step
 
 
-def optax_global_norm(tree):
-    import optax
-    return optax.global_norm(tree)
-
-
 def make_train_step(cfg: FusionConfig, graphdef, tx, labels, mesh, state_sharding, *,
                     schedules: dict | None = None, opts: StepOptions = StepOptions()):
     """`jax.jit(train_step)` with explicit in/out shardings and donation of the state."""
+    cpu_only = [k for k in ("linear_2d", "ce_skip_empty_chunks") if getattr(cfg, k)]
+    if cpu_only and mesh.size > 1:  # they change the program per device: XLA:CPU's collectives deadlock
+        raise ValueError(f"{' and '.join(cpu_only)}: single-device choices, turn them off on a mesh of "
+                         f"{mesh.size} devices")
     fn = train_step_fn(cfg, graphdef, tx, labels, schedules, opts, mesh)
-    rep = NamedSharding(mesh, P())
+    rep = NamedSharding(mesh, PartitionSpec())
     return jax.jit(fn, in_shardings=(state_sharding, batch_shardings(mesh)),
                    out_shardings=(state_sharding, rep),
                    donate_argnums=(0,) if opts.donate else ())
 
-
-def lower_train_step(jitted, abstract_state: dict, abstract_batch_: dict):
-    """AOT: `make_train_step(...)` lowered from abstract args (call `.compile()` on the result)."""
-    return jitted.lower(abstract_state, abstract_batch_)
