@@ -63,6 +63,16 @@ def hf_order(rows: list[Row]):
 
 # ----------------------------------------------------------------------------- HF -> Orbax
 
+def write_row(w: oio.ParamWriter, r: Row, shape, dt, read, bar):
+    """One table row into `w`, one layer at a time; read(hf_name) -> (array, bytes read)."""
+    names = r.hf_names()
+    arr = w.create_stacked(r.ours, shape, dt) if r.stack else w.create(r.ours, shape, dt)
+    for i, n in enumerate(names):
+        t, nbytes = read(n)
+        (arr[i] if r.stack else arr).write(_cast(to_ours(t, r.transform), dt)).result()
+        bar.update(nbytes)
+
+
 def to_orbax(src: str, dst: str, *, dtype=None, force=False, log=print):
     from fusion_jax.hf_io import check_names, read_config
     cfg = read_config(src)
@@ -78,22 +88,12 @@ def to_orbax(src: str, dst: str, *, dtype=None, force=False, log=print):
         w = oio.ParamWriter(tmp)
         with progress(reader.total_bytes, "to-orbax") as bar:
             for r in rows:
-                names = r.hf_names()
-                dts = {reader.dtype(n) for n in names}
+                dts = {reader.dtype(n) for n in r.hf_names()}
                 if len(dts) > 1:
                     raise CheckpointError(f"{src}: layers of {r.hf} have mixed dtypes {sorted(map(str, dts))}")
                 dt = dts.pop()
                 dt = dt_out if (dt_out is not None and _is_float(dt)) else dt
-                if r.stack:
-                    arr = w.create_stacked(r.ours, shapes[r.ours], dt)
-                    for i, n in enumerate(names):
-                        arr[i].write(_cast(to_ours(reader.get(n), r.transform), dt)).result()
-                        bar.update(reader.nbytes(n))
-                else:
-                    arr = w.create(r.ours, shapes[r.ours], dt)
-                    arr.write(_cast(to_ours(reader.get(names[0]), r.transform), dt)).result()
-                    bar.update(reader.nbytes(names[0]))
-                del arr
+                write_row(w, r, shapes[r.ours], dt, lambda n: (reader.get(n), reader.nbytes(n)), bar)
         w.finish()
         _write_side_files(src, tmp, cfg)
     log(f"wrote {dst}: {sum(len(r.hf_names()) for r in rows)} tensors -> {len(rows)} parameters")
@@ -117,11 +117,7 @@ def to_hf(src: str, dst: str, *, max_shard_size="5GB", dtype=None, force=False, 
     rows = param_table(cfg)
     shapes = our_shapes(cfg)
     check_table(rows, shapes)
-    want = {r.ours for r in rows}
-    problems = [f"missing parameter {n}" for n in sorted(want - set(reader.names))]
-    problems += [f"unexpected parameter {n}" for n in sorted(set(reader.names) - want)]
-    problems += [f"parameter {n} has shape {reader.shape(n)}, expected {shapes[n]}"
-                 for n in sorted(want & set(reader.names)) if reader.shape(n) != shapes[n]]
+    problems = oio.param_problems(reader, {r.ours: shapes[r.ours] for r in rows})
     if problems:
         raise CheckpointError(f"{src}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
     dt_out = np_dtype(dtype) if dtype else None
@@ -136,7 +132,7 @@ def to_hf(src: str, dst: str, *, max_shard_size="5GB", dtype=None, force=False, 
     with staged_dir(dst, force) as tmp:
         w = ShardedWriter(tmp, plan, max_shard_size)
         with progress(w.total, "to-hf") as bar:
-            for (r, i), (name, shp, dt) in zip(order, plan):
+            for (r, i), (name, shp, dt) in zip(order, plan, strict=True):
                 a = hf_layout(reader.get(r.ours, i), r.transform, shp)
                 w.write(name, _cast(a, dt))
                 bar.update(int(np.prod(shp, dtype=np.int64)) * np.dtype(dt).itemsize)
