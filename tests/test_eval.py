@@ -79,7 +79,7 @@ def test_eval_cli_on_synth_split(split_and_ckpt, capsys):
 
 
 def test_generate_cli(split_and_ckpt, capsys):
-    from fusion_jax.generate import main
+    from fusion_jax.generate.cli import main
     data, ckpt, _ = split_and_ckpt
     img = os.path.join(data, "images", "eval", sorted(os.listdir(os.path.join(data, "images", "eval")))[0])
     assert main(["--ckpt", ckpt, "--image", img, "--prompt", "What is in the image?",
