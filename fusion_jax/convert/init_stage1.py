@@ -21,11 +21,11 @@ from fusion_jax.config import KNOWN_TOWERS, FusionConfig, llm_config_from_hf, vi
 from fusion_jax.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN
 from fusion_jax.convert import orbax_io as oio
 from fusion_jax.convert.hf_export import (
-    _cast,
-    _is_float,
-    _known_tower,
+    cast_float,
     check_table,
+    known_tower,
     our_shapes,
+    out_dtype,
     per_layer_shape,
     synth_hf_config,
     vision_hf_config,
@@ -227,7 +227,7 @@ def _write_hf_side_configs(tmp: str, cfg: FusionConfig, ljson: dict, dt_out):
                            else str(ljson.get("torch_dtype") or ljson.get("dtype") or "float32"))
     with open(os.path.join(tmp, oio.HF_CONFIG), "w") as f:
         json.dump(synth_hf_config(cfg, base), f, indent=2, sort_keys=True)
-    if not _known_tower(cfg):
+    if not known_tower(cfg):
         with open(os.path.join(tmp, oio.HF_VISION_CONFIG), "w") as f:
             json.dump(vision_hf_config(cfg), f, indent=2, sort_keys=True)
 
@@ -270,12 +270,12 @@ def init_stage1(vision_dir: str, llm_dir: str, dst: str, *, config=None, dtype=N
         with progress(total, "init") as bar:
             for r in rows:
                 if r in fresh_rows:
-                    a = _cast(fresh[r.ours], dt_out)
+                    a = cast_float(fresh[r.ours], dt_out)
                     w.create(r.ours, a.shape, a.dtype).write(a).result()
                     bar.update(fresh[r.ours].nbytes)
                     continue
-                dt = src[r.hf_names()[0]][0].dtype(src[r.hf_names()[0]][1])
-                write_row(w, r, shapes[r.ours], dt_out if (dt_out is not None and _is_float(dt)) else dt, read, bar)
+                rd, sn = src[r.hf_names()[0]]
+                write_row(w, r, shapes[r.ours], out_dtype(rd.dtype(sn), dt_out), read, bar)
         w.finish()
         with open(os.path.join(tmp, oio.CONFIG), "w") as f:
             f.write(cfg.to_json())

@@ -141,14 +141,14 @@ def layout_padded(cfg, input_ids, instructs, images, *, attention_mask=None, lab
 
 
 def load_image_crops(cfg, image) -> np.ndarray:
-    """PIL image, path or None -> [5, 3, S, S] static_hd crops (zeros for None)."""
+    """PIL image, path or None -> [5, 3, size, size] static_hd crops (zeros for None)."""
     from fusion_jax.data.images import decode_image, read_image_file, static_hd_crops, zero_crops
-    S = cfg.vision.image_size
+    size = cfg.vision.image_size
     if image is None:
-        return zero_crops(S)
+        return zero_crops(size)
     if isinstance(image, (str, os.PathLike)):
         image = decode_image(read_image_file(os.fspath(image)), name=os.fspath(image))
-    return static_hd_crops(image.convert("RGB"), S)
+    return static_hd_crops(image.convert("RGB"), size)
 
 
 def stop_token_ids(cfg, tokenizer=None, template=None) -> tuple:
