@@ -67,7 +67,7 @@ def hf_order(rows: list[Row]):
 def write_row(w: oio.ParamWriter, r: Row, shape, dt, read, bar):
     """One table row into `w`, one layer at a time; read(hf_name) -> (array, bytes read)."""
     names = r.hf_names()
-    arr = w.create_stacked(r.ours, shape, dt) if r.stack else w.create(r.ours, shape, dt)
+    arr = w.create(r.ours, shape, dt, stacked=bool(r.stack))
     for i, n in enumerate(names):
         t, nbytes = read(n)
         (arr[i] if r.stack else arr).write(cast_float(to_ours(t, r.transform), dt)).result()

@@ -65,30 +65,23 @@ class ParamWriter:
         self.ctx = ts.Context(_TS_CONTEXT)
         self.meta = {}        # dotted name -> (shape, chunk)
 
-    def create(self, name: str, shape, dtype):
-        dt = np.dtype(dtype)
-        chunk = _chunk_shape(tuple(shape), dt.itemsize, stacked=False)
-        return self._open(name, tuple(shape), dt, chunk)
-
-    def create_stacked(self, name: str, shape, dtype):
-        dt = np.dtype(dtype)
-        chunk = _chunk_shape(tuple(shape), dt.itemsize, stacked=True)
-        return self._open(name, tuple(shape), dt, chunk)
-
-    def _open(self, name, shape, dt, chunk):
+    def create(self, name: str, shape, dtype, *, stacked: bool = False):
+        """A zarr3 array; `stacked` chunks it one layer (axis 0 entry) per chunk."""
+        shape, dt = tuple(shape), np.dtype(dtype)
+        chunk = [max(c, 1) for c in _chunk_shape(shape, dt.itemsize, stacked)]
         spec = {
             "driver": "zarr3",
             "kvstore": {"driver": "file", "path": os.path.join(self.dir, name)},
             "metadata": {
                 "shape": list(shape), "data_type": _zarr_dtype(dt),
-                "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [max(c, 1) for c in chunk]}},
+                "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk}},
                 "chunk_key_encoding": {"name": "default"},
                 "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
                 "fill_value": 0, "node_type": "array",
             },
             "create": True, "delete_existing": True, "store_data_equal_to_fill_value": True,
         }
-        self.meta[name] = (list(shape), [max(c, 1) for c in chunk])
+        self.meta[name] = (list(shape), chunk)
         return self.ts.open(spec, context=self.ctx).result()
 
     def finish(self):
