@@ -80,8 +80,9 @@ def train_step_dir(ckpt: str) -> str | None:
 
 def find_tokenizer_dir(ckpt: str, tokenizer: str | None = None) -> str:
     cands = [tokenizer] if tokenizer else [ckpt, os.path.join(ckpt, TOKENIZER)]
-    if not tokenizer and train_step_dir(ckpt) is not None:
-        cands.append(tokenizer_dir_of(train_step_dir(ckpt)))
+    step = None if tokenizer else train_step_dir(ckpt)
+    if step is not None:
+        cands.append(tokenizer_dir_of(step))
     for c in cands:
         if c and os.path.isfile(os.path.join(c, "tokenizer.json")):
             return c
