@@ -57,7 +57,7 @@ def write_synthetic(folder: str, cfg, max_shard="5GB"):
     w = ShardedWriter(folder, plan, max_shard)
     rng = np.random.default_rng(0)
     pool = (rng.standard_normal(1 << 20, dtype=np.float32) * 0.02).astype(bf16)
-    for name, shp, dt in plan:
+    for name, shp, _dt in plan:
         n = int(np.prod(shp))
         a = np.resize(pool, n).reshape(shp)  # distinct non-zero bytes, cheap to make
         w.write(name, a)

@@ -2,7 +2,7 @@
 
 A folder holds `config.json` (model_type fusion_phi / fusion_llama / fusion_qwen),
 optionally `vision_config.json`, and `model.safetensors` or shards listed in
-`model.safetensors.index.json`. Tensors are read one at a time.
+`model.safetensors.index.json`. Tensors are read one at a time (`SafeReader`).
 """
 from __future__ import annotations
 
@@ -15,11 +15,8 @@ import numpy as np
 from flax import nnx
 
 from fusion_jax.config import FusionConfig, from_hf_config, vision_config_from_hf
+from fusion_jax.convert.st_io import CheckpointError, SafeReader, np_dtype
 from fusion_jax.param_map import Row, hf_shape, param_table, to_ours
-
-
-class CheckpointError(ValueError):
-    pass
 
 
 def read_config(folder: str, **overrides) -> FusionConfig:
@@ -40,54 +37,8 @@ def read_config(folder: str, **overrides) -> FusionConfig:
     return cfg.replace(**overrides) if overrides else cfg
 
 
-class TensorReader:
-    """Lazy name -> np.ndarray over one or many safetensors files."""
-
-    def __init__(self, folder: str):
-        from safetensors import safe_open
-        self.folder = folder
-        idx = os.path.join(folder, "model.safetensors.index.json")
-        single = os.path.join(folder, "model.safetensors")
-        if os.path.exists(idx):
-            with open(idx) as f:
-                wm = json.load(f)["weight_map"]
-            files = sorted(set(wm.values()))
-        elif os.path.exists(single):
-            files = ["model.safetensors"]
-        else:
-            cands = sorted(x for x in os.listdir(folder) if x.endswith(".safetensors"))
-            if not cands:
-                raise CheckpointError(f"{folder}: no model.safetensors, index, or *.safetensors file")
-            files = cands
-        self._handles, self.where = {}, {}
-        for fn in files:
-            p = os.path.join(folder, fn)
-            if not os.path.exists(p):
-                raise CheckpointError(f"{folder}: shard {fn} listed in the index is missing")
-            h = safe_open(p, framework="numpy")
-            self._handles[fn] = h
-            for k in h.keys():
-                self.where[k] = fn
-
-    def keys(self):
-        return self.where.keys()
-
-    def shape(self, name):
-        return tuple(self._handles[self.where[name]].get_slice(name).get_shape())
-
-    def get(self, name) -> np.ndarray:
-        h = self._handles[self.where[name]]
-        try:
-            return h.get_tensor(name)
-        except (TypeError, ValueError):  # bf16 etc.: numpy lacks the dtype; read the raw bytes
-            from fusion_jax.convert.st_io import SafeReader
-            if not hasattr(self, "_raw"):
-                self._raw = SafeReader(self.folder)
-            return self._raw.get(name)
-
-
 class DictReader:
-    """In-memory stand-in for TensorReader (tests, conversion of already-loaded tensors)."""
+    """In-memory stand-in for SafeReader (tests, conversion of already-loaded tensors)."""
 
     def __init__(self, tensors: dict, folder: str = "<in-memory>"):
         self.tensors, self.folder = tensors, folder
@@ -107,7 +58,7 @@ def check_names(rows: Iterable[Row], available: Iterable[str], shape_of: Callabl
     avail = set(available)
     want, problems = set(), []
     for r in rows:
-        for i, n in enumerate(r.hf_names()):
+        for n in r.hf_names():
             want.add(n)
             if n not in avail:
                 problems.append(f"missing tensor {n}")
@@ -166,8 +117,31 @@ def load_weights(model, reader, *, dtype=None, select: Callable[[Row], bool] | N
     return model
 
 
-def from_pretrained(folder: str, **overrides):
+def param_shardings(model, mesh=None, shardings=None) -> dict:
+    """Dotted name -> Sharding for every parameter: `shardings` (dict, or callable(name, variable)),
+    else the logical-axis rules on `mesh`, else the default device."""
+    import jax
+
+    from fusion_jax.convert.orbax_io import flatten
+    from fusion_jax.sharding import logical_shardings
+    ours = flat_state(model)
+    if callable(shardings):
+        return {n: shardings(n, v) for n, v in ours.items()}
+    if shardings is not None:
+        return dict(shardings)
+    if mesh is not None:
+        return flatten(logical_shardings(nnx.state(model), mesh))
+    return dict.fromkeys(ours, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+
+
+def from_pretrained(folder: str, *, mesh=None, shardings=None, dtype=None, **overrides):
     """Model from a reference HF folder (`fusion_jax.from_pretrained` also takes Orbax folders)."""
+    import jax
     cfg = read_config(folder, **overrides)
-    model = abstract_model(cfg)
-    return load_weights(model, TensorReader(folder))
+    model = load_weights(abstract_model(cfg), SafeReader(folder, allow_bin=False),
+                         dtype=np_dtype(dtype) if dtype else None)
+    if mesh is not None or shardings is not None:
+        ours = flat_state(model)
+        for name, sh in param_shardings(model, mesh, shardings).items():
+            ours[name].set_value(jax.device_put(ours[name].get_value(), sh))
+    return model

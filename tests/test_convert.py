@@ -170,9 +170,10 @@ def _llm(path, family, tokenizer=False):
                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(1)
     if family == "phi3":
+        rope = {"type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                "long_factor": [1.0 + i for i in range(8)]}
         cfg = transformers.Phi3Config(**{**common, "num_key_value_heads": 4}, original_max_position_embeddings=64,
-                                      rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
-                                                    "long_factor": [1.0 + i for i in range(8)]})
+                                      rope_scaling=rope)
         model = transformers.Phi3ForCausalLM(cfg)
     elif family == "llama":
         cfg = transformers.LlamaConfig(**common, rope_theta=50000.0)

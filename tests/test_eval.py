@@ -64,7 +64,7 @@ def test_eval_cli_on_synth_split(split_and_ckpt, capsys):
     questions = [json.loads(x) for x in open(q)]
     rows = [json.loads(x) for x in open(out)]
     assert [r["question_id"] for r in rows] == [x["question_id"] for x in questions]
-    for r, x in zip(rows, questions):
+    for r, x in zip(rows, questions, strict=True):
         assert set(r) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
         assert r["prompt"] == x["text"] and r["model_id"] == "ckpt" and isinstance(r["text"], str)
     summary = json.load(open(str(root / "answers.summary.json")))
@@ -79,7 +79,7 @@ def test_eval_cli_on_synth_split(split_and_ckpt, capsys):
 
 
 def test_generate_cli(split_and_ckpt, capsys):
-    from fusion_jax.generate import main
+    from fusion_jax.generate.cli import main
     data, ckpt, _ = split_and_ckpt
     img = os.path.join(data, "images", "eval", sorted(os.listdir(os.path.join(data, "images", "eval")))[0])
     assert main(["--ckpt", ckpt, "--image", img, "--prompt", "What is in the image?",

@@ -118,9 +118,9 @@ def test_sampling_is_seeded_and_top_k1_is_greedy(setup):
 
 def test_top_p_and_top_k_filters():
     lg = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
-    draws = np.asarray([G._pick(lg, jax.random.PRNGKey(i), 1.0, 0, 0.7)[0] for i in range(64)])
+    draws = np.asarray([G.pick_token(lg, jax.random.PRNGKey(i), 1.0, 0, 0.7)[0] for i in range(64)])
     assert set(draws.tolist()) == {0, 1}
-    draws = np.asarray([G._pick(lg, jax.random.PRNGKey(i), 1.0, 3, 1.0)[0] for i in range(64)])
+    draws = np.asarray([G.pick_token(lg, jax.random.PRNGKey(i), 1.0, 3, 1.0)[0] for i in range(64)])
     assert set(draws.tolist()) <= {0, 1, 2} and 2 in draws
 
 

@@ -39,8 +39,9 @@ def check_table(rows, shapes):
         raise CheckpointError(f"model parameters with no mapping row: {stray}")
 
 
-def _cast(a: np.ndarray, dt):
-    if dt is None or a.dtype == dt or not _is_float(a.dtype):
+def cast_float(a: np.ndarray, dt):
+    """`a` cast to `dt` when `a` is floating (integer tensors and dt=None: unchanged)."""
+    if dt is None or a.dtype == dt or not is_float(a.dtype):
         return a
     return a.astype(dt)
 
@@ -63,6 +64,16 @@ def hf_order(rows: list[Row]):
 
 # ----------------------------------------------------------------------------- HF -> Orbax
 
+def write_row(w: oio.ParamWriter, r: Row, shape, dt, read, bar):
+    """One table row into `w`, one layer at a time; read(hf_name) -> (array, bytes read)."""
+    names = r.hf_names()
+    arr = w.create(r.ours, shape, dt, stacked=bool(r.stack))
+    for i, n in enumerate(names):
+        t, nbytes = read(n)
+        (arr[i] if r.stack else arr).write(cast_float(to_ours(t, r.transform), dt)).result()
+        bar.update(nbytes)
+
+
 def to_orbax(src: str, dst: str, *, dtype=None, force=False, log=print):
     from fusion_jax.hf_io import check_names, read_config
     cfg = read_config(src)
@@ -78,22 +89,11 @@ def to_orbax(src: str, dst: str, *, dtype=None, force=False, log=print):
         w = oio.ParamWriter(tmp)
         with progress(reader.total_bytes, "to-orbax") as bar:
             for r in rows:
-                names = r.hf_names()
-                dts = {reader.dtype(n) for n in names}
+                dts = {reader.dtype(n) for n in r.hf_names()}
                 if len(dts) > 1:
                     raise CheckpointError(f"{src}: layers of {r.hf} have mixed dtypes {sorted(map(str, dts))}")
-                dt = dts.pop()
-                dt = dt_out if (dt_out is not None and _is_float(dt)) else dt
-                if r.stack:
-                    arr = w.create_stacked(r.ours, shapes[r.ours], dt)
-                    for i, n in enumerate(names):
-                        arr[i].write(_cast(to_ours(reader.get(n), r.transform), dt)).result()
-                        bar.update(reader.nbytes(n))
-                else:
-                    arr = w.create(r.ours, shapes[r.ours], dt)
-                    arr.write(_cast(to_ours(reader.get(names[0]), r.transform), dt)).result()
-                    bar.update(reader.nbytes(names[0]))
-                del arr
+                write_row(w, r, shapes[r.ours], out_dtype(dts.pop(), dt_out),
+                          lambda n: (reader.get(n), reader.nbytes(n)), bar)
         w.finish()
         _write_side_files(src, tmp, cfg)
     log(f"wrote {dst}: {sum(len(r.hf_names()) for r in rows)} tensors -> {len(rows)} parameters")
@@ -117,28 +117,21 @@ def to_hf(src: str, dst: str, *, max_shard_size="5GB", dtype=None, force=False, 
     rows = param_table(cfg)
     shapes = our_shapes(cfg)
     check_table(rows, shapes)
-    want = {r.ours for r in rows}
-    problems = [f"missing parameter {n}" for n in sorted(want - set(reader.names))]
-    problems += [f"unexpected parameter {n}" for n in sorted(set(reader.names) - want)]
-    problems += [f"parameter {n} has shape {reader.shape(n)}, expected {shapes[n]}"
-                 for n in sorted(want & set(reader.names)) if reader.shape(n) != shapes[n]]
+    problems = oio.param_problems(reader, {r.ours: shapes[r.ours] for r in rows})
     if problems:
         raise CheckpointError(f"{src}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
     dt_out = np_dtype(dtype) if dtype else None
     order = hf_order(rows)
 
-    def out_dtype(r):
-        d = reader.dtype(r.ours)
-        return dt_out if (dt_out is not None and _is_float(d)) else d
-
-    plan = [(r.hf.format(i=i) if i is not None else r.hf, per_layer_shape(r, shapes, cfg), out_dtype(r))
+    plan = [(r.hf.format(i=i) if i is not None else r.hf, per_layer_shape(r, shapes, cfg),
+             out_dtype(reader.dtype(r.ours), dt_out))
             for r, i in order]
     with staged_dir(dst, force) as tmp:
         w = ShardedWriter(tmp, plan, max_shard_size)
         with progress(w.total, "to-hf") as bar:
-            for (r, i), (name, shp, dt) in zip(order, plan):
+            for (r, i), (name, shp, dt) in zip(order, plan, strict=True):
                 a = hf_layout(reader.get(r.ours, i), r.transform, shp)
-                w.write(name, _cast(a, dt))
+                w.write(name, cast_float(a, dt))
                 bar.update(int(np.prod(shp, dtype=np.int64)) * np.dtype(dt).itemsize)
         w.close()
         write_hf_configs(src, tmp, cfg, torch_dtype=(str(dtype) if dtype else None))
@@ -147,8 +140,13 @@ def to_hf(src: str, dst: str, *, max_shard_size="5GB", dtype=None, force=False, 
     return dst
 
 
-def _is_float(d):
+def is_float(d):
     return np.issubdtype(d, np.floating) or d == np_dtype("bfloat16")
+
+
+def out_dtype(dt, dt_out):
+    """`dt_out` for a floating tensor when one is asked for, else the stored dtype."""
+    return dt_out if (dt_out is not None and is_float(dt)) else dt
 
 
 def write_hf_configs(src, tmp, cfg, torch_dtype=None):
@@ -168,12 +166,12 @@ def write_hf_configs(src, tmp, cfg, torch_dtype=None):
     vstored = os.path.join(src, oio.HF_VISION_CONFIG)
     if os.path.isfile(vstored):
         shutil.copy2(vstored, os.path.join(tmp, "vision_config.json"))
-    elif not _known_tower(cfg):
+    elif not known_tower(cfg):
         with open(os.path.join(tmp, "vision_config.json"), "w") as f:
             json.dump(vision_hf_config(cfg), f, indent=2, sort_keys=True)
 
 
-def _known_tower(cfg):
+def known_tower(cfg):
     try:
         return tower_from_name(cfg.mm_vision_tower) == cfg.vision
     except ValueError:

@@ -21,17 +21,19 @@ from fusion_jax.config import KNOWN_TOWERS, FusionConfig, llm_config_from_hf, vi
 from fusion_jax.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN
 from fusion_jax.convert import orbax_io as oio
 from fusion_jax.convert.hf_export import (
-    _cast,
-    _is_float,
+    cast_float,
     check_table,
+    known_tower,
     our_shapes,
+    out_dtype,
     per_layer_shape,
     synth_hf_config,
     vision_hf_config,
+    write_row,
 )
 from fusion_jax.convert.st_io import CheckpointError, SafeReader, np_dtype
 from fusion_jax.convert.util import has_tokenizer, progress, staged_dir, tokenizer_files
-from fusion_jax.param_map import VT, param_table, to_ours
+from fusion_jax.param_map import VT, param_table
 
 FAMILIES = {"phi3": "phi3", "llama": "llama", "qwen2": "qwen2"}
 FRESH_PREFIXES = ("model.mm_projector.", "model.aux_projector.", "model.vision_sampler_layers.")
@@ -92,7 +94,7 @@ def _tower_name(vcfg, vision_dir, vjson):
 
 # ----------------------------------------------------------------------------- tokenizer
 
-def extend_tokenizer(llm_dir: str, out_dir: str, log=print):
+def extend_tokenizer(llm_dir: str, out_dir: str):
     """Copy the LLM's tokenizer with the two vision tokens added; returns (len before, new ids)."""
     files = tokenizer_files(llm_dir)
     if "tokenizer.json" in files:
@@ -164,83 +166,103 @@ def fresh_params(cfg: FusionConfig, names, seed: int):
     return {k: np.asarray(v) for k, v in make().items()}
 
 
+def _read_llm_config(llm_dir: str):
+    with open(os.path.join(llm_dir, "config.json")) as f:
+        ljson = normalize_llm_config(json.load(f))
+    family = FAMILIES.get(ljson.get("model_type"))
+    if family is None:
+        raise CheckpointError(f"{llm_dir}/config.json: model_type={ljson.get('model_type')!r}, "
+                              f"expected one of {sorted(FAMILIES)}")
+    return ljson, family
+
+
+def _vocab(llm_dir: str, tok_dir: str, v_old: int, log):
+    """(tokenizer length before the vision tokens, vocab size after) with the tokenizer saved."""
+    tok_len, new_ids = extend_tokenizer(llm_dir, tok_dir)
+    if tok_len is None:
+        tok_len, new_ids = v_old, [v_old, v_old + 1]
+        log(f"note: {llm_dir} has no tokenizer files; assuming the tokenizer has {v_old} tokens "
+            f"(= vocab_size), so {NEW_TOKENS[0]}={v_old}, {NEW_TOKENS[1]}={v_old + 1}; no tokenizer is saved")
+    n_vocab = tok_len + len(NEW_TOKENS)
+    if max(new_ids) != n_vocab - 1:
+        raise CheckpointError(f"tokenizer: vision tokens got ids {new_ids}, expected the last two of {n_vocab}")
+    if tok_len > v_old:
+        log(f"warning: tokenizer has {tok_len} tokens but the embedding only {v_old} rows; "
+            f"rows {v_old}.. are set to the mean")
+    log(f"vocab {v_old} -> {n_vocab} (tokenizer {tok_len} + {NEW_TOKENS[0]}, {NEW_TOKENS[1]} at {new_ids})")
+    return tok_len, n_vocab
+
+
+def _sources(vreader, lreader, n_layers: int):
+    """(HF name -> (reader, source name) for every checkpoint tensor we keep, dropped SigLIP names)."""
+    last = f"vision_model.encoder.layers.{n_layers - 1}."
+    src, dropped = {}, []
+    for n0 in vreader.keys():
+        # SiglipVisionModel saved by transformers 5 has no `vision_model.` prefix
+        n = f"vision_model.{n0}" if n0.startswith(("embeddings.", "encoder.", "post_layernorm.", "head.")) else n0
+        if n.startswith("vision_model.") and not n.startswith(("vision_model.head.", last)):
+            src[f"{VT}.{n[len('vision_model.'):]}"] = (vreader, n0)
+        else:
+            dropped.append(n)
+    src.update((n, (lreader, n)) for n in lreader.keys())
+    bad = [n for n in dropped if not (n.startswith(("text_model.", "vision_model.head.", last))
+                                      or n in ("logit_scale", "logit_bias"))]
+    return src, dropped, bad
+
+
+def _check_sources(rows, src, src_shape, shapes, cfg, bad_drop, vision_dir):
+    from fusion_jax.hf_io import check_names
+    problems = check_names(rows, src.keys(), src_shape, lambda r: per_layer_shape(r, shapes, cfg))
+    problems = [p.replace(f"{VT}.", "(SigLIP) vision_model.") if p.startswith("unexpected tensor " + VT)
+                else p for p in problems]
+    problems += [f"unexpected tensor {n} in {vision_dir}" for n in bad_drop]
+    if problems:
+        raise CheckpointError(f"init: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+
+
+def _write_hf_side_configs(tmp: str, cfg: FusionConfig, ljson: dict, dt_out):
+    drop = ("architectures", "_name_or_path", "auto_map", "transformers_version", "dtype")
+    base = {k: v for k, v in ljson.items() if k not in drop}
+    base["torch_dtype"] = (str(dt_out) if dt_out is not None
+                           else str(ljson.get("torch_dtype") or ljson.get("dtype") or "float32"))
+    with open(os.path.join(tmp, oio.HF_CONFIG), "w") as f:
+        json.dump(synth_hf_config(cfg, base), f, indent=2, sort_keys=True)
+    if not known_tower(cfg):
+        with open(os.path.join(tmp, oio.HF_VISION_CONFIG), "w") as f:
+            json.dump(vision_hf_config(cfg), f, indent=2, sort_keys=True)
+
+
 def init_stage1(vision_dir: str, llm_dir: str, dst: str, *, config=None, dtype=None, seed: int = 0,
                 force: bool = False, log=print):
     with open(os.path.join(vision_dir, "config.json")) as f:
         vjson = json.load(f)
     vcfg = vision_config_from_hf(vjson)
-    with open(os.path.join(llm_dir, "config.json")) as f:
-        ljson_raw = json.load(f)
-    ljson = normalize_llm_config(ljson_raw)
-    family = FAMILIES.get(ljson.get("model_type"))
-    if family is None:
-        raise CheckpointError(f"{llm_dir}/config.json: model_type={ljson.get('model_type')!r}, "
-                              f"expected one of {sorted(FAMILIES)}")
+    ljson, family = _read_llm_config(llm_dir)
     vreader, lreader = SafeReader(vision_dir), SafeReader(llm_dir)
-    V_old = ljson["vocab_size"]
     dt_out = np_dtype(dtype) if dtype else None
+    resized = {"model.embed_tokens.weight", "lm_head.weight"}
 
     with staged_dir(dst, force) as tmp:
-        tok_len, new_ids = extend_tokenizer(llm_dir, os.path.join(tmp, oio.TOKENIZER), log)
-        if tok_len is None:
-            tok_len = V_old
-            new_ids = [V_old, V_old + 1]
-            log(f"note: {llm_dir} has no tokenizer files; assuming the tokenizer has {V_old} tokens "
-                f"(= vocab_size), so {NEW_TOKENS[0]}={V_old}, {NEW_TOKENS[1]}={V_old + 1}; "
-                f"no tokenizer is saved")
-        n_vocab = tok_len + len(NEW_TOKENS)
-        if max(new_ids) != n_vocab - 1:
-            raise CheckpointError(f"tokenizer: vision tokens got ids {new_ids}, expected the last two "
-                                  f"of {n_vocab}")
-        if tok_len > V_old:
-            log(f"warning: tokenizer has {tok_len} tokens but the embedding only {V_old} rows; "
-                f"rows {V_old}.. are set to the mean")
+        tok_len, n_vocab = _vocab(llm_dir, os.path.join(tmp, oio.TOKENIZER), ljson["vocab_size"], log)
         llm = llm_config_from_hf({**ljson, "vocab_size": n_vocab}, family)
         over = _load_overrides(config)
         over.setdefault("mm_vision_tower", _tower_name(vcfg, vision_dir, vjson))
         cfg = FusionConfig(llm=llm, vision=vcfg, **over)
-        log(f"vocab {V_old} -> {n_vocab} (tokenizer {tok_len} + {NEW_TOKENS[0]}, {NEW_TOKENS[1]} "
-            f"at {new_ids})")
-
-        rows = param_table(cfg)
-        shapes = our_shapes(cfg)
+        rows, shapes = param_table(cfg), our_shapes(cfg)
         check_table(rows, shapes)
-
-        # HF name -> (reader, source name) for every tensor that comes from a checkpoint
-        L = vcfg.num_hidden_layers
-        src = {}
-        dropped_v, dropped_l = [], []
-        for n0 in vreader.keys():
-            # SiglipVisionModel saved by transformers 5 has no `vision_model.` prefix
-            n = f"vision_model.{n0}" if n0.startswith(("embeddings.", "encoder.", "post_layernorm.",
-                                                          "head.")) else n0
-            if n.startswith("vision_model.") and not (
-                    n.startswith("vision_model.head.") or n.startswith(f"vision_model.encoder.layers.{L - 1}.")):
-                src[f"{VT}.{n[len('vision_model.'):]}"] = (vreader, n0)
-            else:
-                dropped_v.append(n)
-        for n in lreader.keys():
-            src[n] = (lreader, n)
+        src, dropped_v, bad_drop = _sources(vreader, lreader, vcfg.num_hidden_layers)
         fresh_rows = [r for r in rows if r.ours.startswith(FRESH_PREFIXES)]
-        ckpt_rows = [r for r in rows if not r.ours.startswith(FRESH_PREFIXES)]
-        resized = {"model.embed_tokens.weight", "lm_head.weight"}
 
         def src_shape(n):
             rd, sn = src[n]
-            shp = rd.shape(sn)
-            return (n_vocab,) + tuple(shp[1:]) if n in resized else shp
+            return (n_vocab,) + tuple(rd.shape(sn)[1:]) if n in resized else rd.shape(sn)
 
-        from fusion_jax.hf_io import check_names
-        problems = check_names(ckpt_rows, src.keys(), src_shape, lambda r: per_layer_shape(r, shapes, cfg))
-        problems = [p.replace(f"{VT}.", "(SigLIP) vision_model.") if p.startswith("unexpected tensor " + VT)
-                    else p for p in problems]
-        bad_drop = [n for n in dropped_v if not (n.startswith(("text_model.", "vision_model.head.",
-                                                              f"vision_model.encoder.layers.{L - 1}."))
-                                                 or n in ("logit_scale", "logit_bias"))]
-        problems += [f"unexpected tensor {n} in {vision_dir}" for n in bad_drop]
-        if problems:
-            raise CheckpointError(f"init: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+        def read(n):
+            rd, sn = src[n]
+            t = rd.get(sn)
+            return (resize_rows(t, tok_len, n_vocab) if n in resized else t), rd.nbytes(sn)
 
+        _check_sources([r for r in rows if r not in fresh_rows], src, src_shape, shapes, cfg, bad_drop, vision_dir)
         fresh = fresh_params(cfg, [r.ours for r in fresh_rows], seed)
         total = sum(rd.nbytes(sn) for rd, sn in src.values() if rd is vreader)
         total += lreader.total_bytes + sum(a.nbytes for a in fresh.values())
@@ -248,42 +270,16 @@ def init_stage1(vision_dir: str, llm_dir: str, dst: str, *, config=None, dtype=N
         with progress(total, "init") as bar:
             for r in rows:
                 if r in fresh_rows:
-                    a = fresh[r.ours]
-                    a = _cast(a, dt_out) if dt_out is not None else a
+                    a = cast_float(fresh[r.ours], dt_out)
                     w.create(r.ours, a.shape, a.dtype).write(a).result()
                     bar.update(fresh[r.ours].nbytes)
                     continue
-                names = r.hf_names()
-                rd0, sn0 = src[names[0]]
-                dt = rd0.dtype(sn0)
-                dt = dt_out if (dt_out is not None and _is_float(dt)) else dt
-                if r.stack:
-                    arr = w.create_stacked(r.ours, shapes[r.ours], dt)
-                    for i, n in enumerate(names):
-                        rd, sn = src[n]
-                        arr[i].write(_cast(to_ours(rd.get(sn), r.transform), dt)).result()
-                        bar.update(rd.nbytes(sn))
-                else:
-                    rd, sn = src[names[0]]
-                    t = rd.get(sn)
-                    if names[0] in resized:
-                        t = resize_rows(t, tok_len, n_vocab)
-                    w.create(r.ours, shapes[r.ours], dt).write(_cast(to_ours(t, r.transform), dt)).result()
-                    bar.update(rd.nbytes(sn))
+                rd, sn = src[r.hf_names()[0]]
+                write_row(w, r, shapes[r.ours], out_dtype(rd.dtype(sn), dt_out), read, bar)
         w.finish()
         with open(os.path.join(tmp, oio.CONFIG), "w") as f:
             f.write(cfg.to_json())
-        base = {k: v for k, v in ljson.items() if k not in ("architectures", "_name_or_path", "auto_map",
-                                                             "transformers_version")}
-        tdt = str(dt_out) if dt_out is not None else str(ljson.get("torch_dtype") or ljson.get("dtype") or "float32")
-        base.pop("dtype", None)
-        base["torch_dtype"] = tdt
-        with open(os.path.join(tmp, oio.HF_CONFIG), "w") as f:
-            json.dump(synth_hf_config(cfg, base), f, indent=2, sort_keys=True)
-        from fusion_jax.convert.hf_export import _known_tower
-        if not _known_tower(cfg):
-            with open(os.path.join(tmp, oio.HF_VISION_CONFIG), "w") as f:
-                json.dump(vision_hf_config(cfg), f, indent=2, sort_keys=True)
-    log(f"wrote {dst}: vision {vcfg.num_layers}/{L} SigLIP layers (dropped {len(dropped_v)} tensors), "
-        f"LLM {llm.family} {llm.num_hidden_layers} layers, fresh {len(fresh_rows)} parameters")
+        _write_hf_side_configs(tmp, cfg, ljson, dt_out)
+    log(f"wrote {dst}: vision {vcfg.num_layers}/{vcfg.num_hidden_layers} SigLIP layers (dropped {len(dropped_v)} "
+        f"tensors), LLM {llm.family} {llm.num_hidden_layers} layers, fresh {len(fresh_rows)} parameters")
     return dst

@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 from fusion_jax.convert import orbax_io as oio
+from fusion_jax.convert.st_io import SafeReader, np_dtype
 
 
 def inspect_dir(path: str, out=print) -> dict:
@@ -16,7 +17,6 @@ def inspect_dir(path: str, out=print) -> dict:
         rows = [(n, r.shape(n), str(r.dtype(n))) for n in sorted(r.names)]
         kind = "orbax"
     else:
-        from fusion_jax.convert.st_io import SafeReader
         r = SafeReader(path)
         rows = [(n, r.shape(n), str(r.dtype(n))) for n in sorted(r.keys())]
         kind = "hf"
@@ -28,7 +28,7 @@ def inspect_dir(path: str, out=print) -> dict:
             out(f"(no FUSION config detected: {e})")
     total = 0
     for n, shp, dt in rows:
-        nb = int(np.prod(shp, dtype=np.int64)) * np.dtype(_np(dt)).itemsize
+        nb = int(np.prod(shp, dtype=np.int64)) * np_dtype(dt).itemsize
         total += nb
         out(f"{n:80s} {str(list(shp)):22s} {dt}")
     out(f"{kind} folder {path}: {len(rows)} tensors, {total / 2**20:.1f} MiB")
@@ -38,8 +38,3 @@ def inspect_dir(path: str, out=print) -> dict:
         with open(os.path.join(path, "config.json")) as f:
             out(json.dumps(json.load(f), indent=2))
     return {"kind": kind, "tensors": rows, "config": cfg, "total_bytes": total}
-
-
-def _np(dt):
-    from fusion_jax.convert.st_io import np_dtype
-    return np_dtype(dt)

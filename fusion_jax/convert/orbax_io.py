@@ -14,7 +14,7 @@ parameter is created as a zarr3 array chunked one layer per chunk and filled lay
 layer, so host memory holds one per-layer tensor at a time. The metadata files are the
 ones `PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=True)` writes, so the folder
 restores with stock Orbax (`ocp.PyTreeCheckpointer` / `StandardCheckpointer`) onto any
-sharding; `restore_params` below does that from an abstract target.
+sharding; `restore_params_tree` below does that from an abstract target.
 """
 from __future__ import annotations
 
@@ -65,30 +65,23 @@ class ParamWriter:
         self.ctx = ts.Context(_TS_CONTEXT)
         self.meta = {}        # dotted name -> (shape, chunk)
 
-    def create(self, name: str, shape, dtype):
-        dt = np.dtype(dtype)
-        chunk = _chunk_shape(tuple(shape), dt.itemsize, stacked=False)
-        return self._open(name, tuple(shape), dt, chunk)
-
-    def create_stacked(self, name: str, shape, dtype):
-        dt = np.dtype(dtype)
-        chunk = _chunk_shape(tuple(shape), dt.itemsize, stacked=True)
-        return self._open(name, tuple(shape), dt, chunk)
-
-    def _open(self, name, shape, dt, chunk):
+    def create(self, name: str, shape, dtype, *, stacked: bool = False):
+        """A zarr3 array; `stacked` chunks it one layer (axis 0 entry) per chunk."""
+        shape, dt = tuple(shape), np.dtype(dtype)
+        chunk = [max(c, 1) for c in _chunk_shape(shape, dt.itemsize, stacked)]
         spec = {
             "driver": "zarr3",
             "kvstore": {"driver": "file", "path": os.path.join(self.dir, name)},
             "metadata": {
                 "shape": list(shape), "data_type": _zarr_dtype(dt),
-                "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [max(c, 1) for c in chunk]}},
+                "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk}},
                 "chunk_key_encoding": {"name": "default"},
                 "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
                 "fill_value": 0, "node_type": "array",
             },
             "create": True, "delete_existing": True, "store_data_equal_to_fill_value": True,
         }
-        self.meta[name] = (list(shape), [max(c, 1) for c in chunk])
+        self.meta[name] = (list(shape), chunk)
         return self.ts.open(spec, context=self.ctx).result()
 
     def finish(self):
@@ -176,63 +169,47 @@ def flatten(tree: dict, prefix="") -> dict:
     return out
 
 
-def restore_params(folder: str, abstract: dict):
-    """Restore `params/` onto the shardings in `abstract` (dotted name -> jax.ShapeDtypeStruct
-    carrying .sharding). Stock Orbax does the reading; each host reads only its shards."""
+def restore_params_tree(folder: str, abstract: dict) -> dict:
+    """The nested `params/` tree of a folder (converted model or train step dir), restored onto
+    the shardings carried by `abstract` (jax.ShapeDtypeStruct leaves). Stock Orbax does the
+    reading; each host reads only its shards."""
     import jax
     import orbax.checkpoint as ocp
-    target = nest(abstract)
-    restore_args = jax.tree.map(
-        lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, dtype=s.dtype, global_shape=s.shape), target)
+    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(
+        sharding=getattr(s, "sharding", None), dtype=s.dtype, global_shape=s.shape), abstract)
     ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=True))
-    out = ckptr.restore(os.path.abspath(os.path.join(folder, PARAMS)),
-                        args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))
-    return flatten(out)
+    return ckptr.restore(os.path.abspath(os.path.join(folder, PARAMS)),
+                         args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args))
 
 
-def load_orbax_model(folder: str, *, mesh=None, shardings=None, dtype=None, **overrides):
+def param_problems(reader: ParamReader, shapes: dict) -> list[str]:
+    """Every missing, unexpected or mis-shaped stored parameter against `shapes` (name -> shape)."""
+    problems = [f"missing parameter {n}" for n in sorted(set(shapes) - set(reader.names))]
+    problems += [f"unexpected parameter {n}" for n in sorted(set(reader.names) - set(shapes))]
+    return problems + [f"parameter {n} has shape {reader.shape(n)}, expected {tuple(shapes[n])}"
+                       for n in sorted(set(shapes) & set(reader.names)) if reader.shape(n) != tuple(shapes[n])]
+
+
+def load_orbax_model(folder: str, *, mesh=None, shardings=None, dtype=None, cfg=None, **overrides):
     """FusionForCausalLM from a converted folder, arrays placed directly on their shardings.
 
-    shardings: dict dotted-name -> jax.sharding.Sharding, or callable(name, variable) -> Sharding.
-    mesh: when given without `shardings`, parameters are replicated on it.
+    shardings / mesh: as `fusion_jax.hf_io.param_shardings` (default: the default device).
     dtype: parameter dtype after loading (default: the config's param_dtype).
+    cfg: the FusionConfig when it is not the folder's fusion_config.json (train step dirs).
     """
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec
 
-    from fusion_jax.hf_io import CheckpointError, abstract_model, flat_state
-    from fusion_jax.param_map import param_table
+    from fusion_jax.hf_io import CheckpointError, abstract_model, flat_state, param_shardings
 
-    cfg = read_fusion_config(folder)
-    if overrides:
-        cfg = cfg.replace(**overrides)
-    model = abstract_model(cfg)
+    cfg = cfg or read_fusion_config(folder)
+    model = abstract_model(cfg.replace(**overrides) if overrides else cfg)
     ours = flat_state(model)
-    reader = ParamReader(folder)
-    want = {r.ours for r in param_table(cfg)}
-    problems = [f"missing parameter {n}" for n in sorted(want - set(reader.names))]
-    problems += [f"unexpected parameter {n}" for n in sorted(set(reader.names) - want)]
-    for n in sorted(want & set(reader.names)):
-        exp = tuple(ours[n].get_value().shape)
-        if reader.shape(n) != exp:
-            problems.append(f"parameter {n} has shape {reader.shape(n)}, expected {exp}")
+    problems = param_problems(ParamReader(folder), {n: v.get_value().shape for n, v in ours.items()})
     if problems:
         raise CheckpointError(f"{folder}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
-    dev0 = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = {}
-    for n in want:
-        v = ours[n]
-        if callable(shardings):
-            sh = shardings(n, v)
-        elif isinstance(shardings, dict):
-            sh = shardings[n]
-        elif mesh is not None:
-            sh = NamedSharding(mesh, PartitionSpec())
-        else:
-            sh = dev0
-        dt = np_dtype(dtype) if dtype else v.get_value().dtype
-        abstract[n] = jax.ShapeDtypeStruct(v.get_value().shape, dt, sharding=sh)
-    values = restore_params(folder, abstract)
-    for n, arr in values.items():
+    placed = param_shardings(model, mesh, shardings)
+    abstract = {n: jax.ShapeDtypeStruct(v.get_value().shape, np_dtype(dtype) if dtype else v.get_value().dtype,
+                                        sharding=placed[n]) for n, v in ours.items()}
+    for n, arr in flatten(restore_params_tree(folder, nest(abstract))).items():
         ours[n].set_value(arr)
     return model

@@ -1,10 +1,11 @@
 """Streaming safetensors I/O with exact bits (bf16 included) and no pickle.
 
-`SafeReader` reads one tensor at a time straight from the file (header parsed by
-hand, data read into a fresh buffer, so host memory holds one tensor, not the
-checkpoint). `ShardedWriter` writes tensors one at a time into pre-planned shards
-plus `model.safetensors.index.json`. PyTorch `.bin` files are read only with
-`torch.load(weights_only=True, mmap=True)`.
+`SafeReader`, the one checkpoint-file reader (conversion and `from_pretrained`), reads one
+tensor at a time straight from the file (header parsed by hand, data read into a fresh
+buffer, so host memory holds one tensor, not the checkpoint). `ShardedWriter` writes
+tensors one at a time into pre-planned shards plus `model.safetensors.index.json`.
+PyTorch `.bin` files are read only with `torch.load(weights_only=True, mmap=True)`, and
+only when the caller allows them. `CheckpointError` is the one error for bad checkpoints.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def np_dtype(name) -> np.dtype:
 
 
 class CheckpointError(ValueError):
-    pass
+    """A checkpoint folder or file that cannot be read as asked (every loader raises this)."""
 
 
 class _StFile:
@@ -105,11 +106,11 @@ class _BinFile:
 
 class SafeReader:
     """Lazy name -> np.ndarray over a folder: model.safetensors, sharded index, any *.safetensors,
-    or (weights_only) pytorch_model*.bin."""
+    or, when `allow_bin`, (weights_only) pytorch_model*.bin."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, *, allow_bin: bool = True):
         self.folder = folder
-        files = _weight_files(folder)
+        files = _weight_files(folder, allow_bin)
         self.files = {}
         self.where = {}
         for fn in files:
@@ -146,8 +147,9 @@ class SafeReader:
         return sum(self.nbytes(k) for k in self.where)
 
 
-def _weight_files(folder):
-    for idx in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+def _weight_files(folder, allow_bin):
+    indexes = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+    for idx in indexes if allow_bin else indexes[:1]:
         p = os.path.join(folder, idx)
         if os.path.exists(p):
             with open(p) as f:
@@ -158,9 +160,10 @@ def _weight_files(folder):
     if st:
         return st
     bins = sorted(x for x in os.listdir(folder) if x.endswith(".bin") and "pytorch_model" in x)
-    if bins:
+    if bins and allow_bin:
         return bins
-    raise CheckpointError(f"{folder}: no model.safetensors, index, *.safetensors or pytorch_model*.bin")
+    raise CheckpointError(f"{folder}: no model.safetensors, index, *.safetensors"
+                          + (" or pytorch_model*.bin" if allow_bin else " file"))
 
 
 # ----------------------------------------------------------------------------- writing
@@ -199,7 +202,7 @@ class ShardedWriter:
         self.shards = shards
         self.where = {}
         self.total = 0
-        for fn, sh in zip(self.names, shards):
+        for fn, sh in zip(self.names, shards, strict=True):
             for name, *_rest in sh:
                 self.where[name] = fn
                 self.total += _rest[2]

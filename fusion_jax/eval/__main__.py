@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "score":
         return score_main(argv[1:])
-    from fusion_jax.generate import add_generation_args, generation_config, load_for_cli
+    from fusion_jax.generate.cli import add_generation_args, generation_config, load_for_cli
     ap = argparse.ArgumentParser(prog="python -m fusion_jax.eval", description=__doc__.splitlines()[0])
     add_generation_args(ap)
     ap.add_argument("--questions", required=True, help="model_vqa questions JSONL")

@@ -35,7 +35,7 @@ def state_dict(model) -> dict:
     for r in param_table(cfg):
         a = np.asarray(ours[r.ours].get_value())
         parts = list(a) if r.stack else [a]
-        for name, p in zip(r.hf_names(), parts):
+        for name, p in zip(r.hf_names(), parts, strict=True):
             out[name] = np.ascontiguousarray(to_hf(p, r.transform, hf_shape(r, p.shape, cfg)))
     return out
 

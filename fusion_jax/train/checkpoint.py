@@ -9,22 +9,29 @@ and, once finalized, `fusion_config.json` and `tokenizer/`, so a step directory 
 converted Orbax model folder: `fusion_jax.from_pretrained(step_dir)` and `--config.init_from`
 both accept it.
 
-For evaluation: `load_params(workdir_or_step_dir) -> (model, cfg, tokenizer_dir)`.
+Reading them back (`load_params`, `resolve_step_dir`, ...) lives in `fusion_jax.generate.loading`.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-CONFIG = "fusion_config.json"
-TOKENIZER = "tokenizer"
-CKPT_DIR = "checkpoints"
+from fusion_jax.generate.loading import (  # noqa: F401  (the read side lives in the model layer)
+    CKPT_DIR,
+    CONFIG,
+    TOKENIZER,
+    load_params,
+    read_model_config,
+    resolve_step_dir,
+    restore_params_tree,
+    step_dir,
+    tokenizer_dir_of,
+)
 
 
 class _StateBox:
@@ -137,80 +144,3 @@ def _grain_restore(item):
 def _restore_args(abstract):
     return jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=getattr(s, "sharding", None),
                                                        dtype=s.dtype, global_shape=s.shape), abstract)
-
-
-def step_dir(ckpt_dir: str, step: int) -> str:
-    return os.path.join(ckpt_dir, str(int(step)))
-
-
-def resolve_step_dir(path: str) -> str:
-    """A workdir (-> its latest checkpoint), a checkpoints/ dir, or a step dir -> the step dir."""
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "params")):
-        return path
-    for d in (os.path.join(path, CKPT_DIR), path):
-        if os.path.isdir(d):
-            steps = sorted(int(n) for n in os.listdir(d)
-                           if re.fullmatch(r"\d+", n) and os.path.isdir(os.path.join(d, n, "params")))
-            if steps:
-                return step_dir(d, steps[-1])
-    raise FileNotFoundError(f"{path}: no checkpoint (expected WORKDIR/checkpoints/<step>/params)")
-
-
-def read_model_config(step_path: str):
-    """FusionConfig of a step dir: its fusion_config.json, else meta/, else the workdir's."""
-    from fusion_jax.config import FusionConfig
-    cands = [os.path.join(step_path, CONFIG),
-             os.path.join(os.path.dirname(os.path.dirname(step_path)), CONFIG)]
-    for c in cands:
-        if os.path.isfile(c):
-            with open(c) as f:
-                return FusionConfig.from_dict(json.load(f))
-    meta = os.path.join(step_path, "meta", "metadata")
-    if os.path.isfile(meta):
-        with open(meta) as f:
-            return FusionConfig.from_dict(json.load(f)["model_config"])
-    raise FileNotFoundError(f"{step_path}: no {CONFIG}")
-
-
-def tokenizer_dir_of(step_path: str) -> str | None:
-    for c in (os.path.join(step_path, TOKENIZER),
-              os.path.join(os.path.dirname(os.path.dirname(step_path)), TOKENIZER)):
-        if os.path.isfile(os.path.join(c, "tokenizer.json")):
-            return c
-    return None
-
-
-def restore_params_tree(step_path: str, abstract_params: dict) -> dict:
-    """Only the params item of a step dir, onto the shardings carried by `abstract_params`."""
-    ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=True))
-    return ckptr.restore(os.path.join(step_path, "params"),
-                         args=ocp.args.PyTreeRestore(item=abstract_params,
-                                                     restore_args=_restore_args(abstract_params)))
-
-
-def load_params(path: str, *, mesh=None, dtype: str | None = None, **overrides):
-    """(model, cfg, tokenizer_dir) from a train workdir (latest step) or a step directory.
-
-    The model is a concrete `FusionForCausalLM` (replicated on `mesh` when given, else on the
-    default device); `cfg` its FusionConfig (with `overrides` applied, e.g. compute_dtype);
-    `tokenizer_dir` the tokenizer folder saved with the run (None if there is none).
-    """
-    import jax.numpy as jnp
-    from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from fusion_jax.train.step import abstract_model
-    sd = resolve_step_dir(path)
-    cfg = read_model_config(sd)
-    if overrides:
-        cfg = cfg.replace(**overrides)
-    model = abstract_model(cfg)
-    graphdef, state = nnx.split(model)
-    pure = state.to_pure_dict()
-    sh = (NamedSharding(mesh, PartitionSpec()) if mesh is not None
-          else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.dtype(dtype) if dtype else a.dtype,
-                                                           sharding=sh), pure)
-    params = restore_params_tree(sd, abstract)
-    return nnx.merge(graphdef, params), cfg, tokenizer_dir_of(sd)

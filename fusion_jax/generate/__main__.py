@@ -1,0 +1,5 @@
+import sys
+
+from fusion_jax.generate.cli import main
+
+sys.exit(main())
