@@ -21,7 +21,7 @@ def _parser() -> argparse.ArgumentParser:
         if f.name != "progress":  # on by default here: --no-progress
             ap.add_argument("--" + f.name.replace("_", "-"), type=_PARSE[f.type.split(" |")[0]],
                             default=argparse.SUPPRESS, required=f.name == "num", help=f.metadata["help"])
-    ap.add_argument("--no-progress", dest="progress", action="store_false")
+    ap.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     ap.add_argument("--scorer", default=None,
                     help="model-based filter 'module:factory' (factory(**scorer_args) -> scorer(image, q, a))")
     ap.add_argument("--scorer-arg", action="append", default=[], metavar="KEY=VALUE")
