@@ -1,6 +1,7 @@
 """Tests for the synthesized-data engine (fusion_jax.synth)."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -35,8 +36,9 @@ from fusion_jax.synth import (
     generate_dataset,
     load_answers,
 )
+from fusion_jax.synth.palette import EASY, FULL
 from fusion_jax.synth.qa import LETTERS, MC_SUFFIX, TemplateQAWriter
-from fusion_jax.synth.scene import EASY, FULL, TemplateCaptionWriter
+from fusion_jax.synth.scene import TemplateCaptionWriter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,14 +61,15 @@ def read_jsonl(path):
 @pytest.fixture(scope="module")
 def full_set(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("synth_full"))
-    summary = generate_dataset(out, 48, seed=7, image_size=64, heldout_fraction=0.25)
+    summary = generate_dataset(out, SynthConfig(num=48, seed=7, image_size=64, heldout_fraction=0.25))
     return out, summary
 
 
 @pytest.fixture(scope="module")
 def easy_set(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("synth_easy"))
-    summary = generate_dataset(out, 36, seed=3, image_size=32, difficulty="easy", heldout_fraction=0.34)
+    summary = generate_dataset(out, SynthConfig(num=36, seed=3, image_size=32, difficulty="easy",
+                                                heldout_fraction=0.34))
     return out, summary
 
 
@@ -74,11 +77,11 @@ def easy_set(tmp_path_factory):
 # determinism
 
 def test_byte_identical_across_runs_and_workers(tmp_path):
-    kw = dict(num=14, seed=11, image_size=48, heldout_fraction=0.2)
+    cfg = SynthConfig(num=14, seed=11, image_size=48, heldout_fraction=0.2)
     a, b, c = (str(tmp_path / n) for n in "abc")
-    generate_dataset(a, **kw)
-    generate_dataset(b, **kw)
-    generate_dataset(c, workers=2, **kw)
+    generate_dataset(a, cfg)
+    generate_dataset(b, cfg)
+    generate_dataset(c, dataclasses.replace(cfg, workers=2))
     da, db, dc = tree_digest(a), tree_digest(b), tree_digest(c)
     assert da == db
     assert da == dc
@@ -89,30 +92,55 @@ def test_byte_identical_across_runs_and_workers(tmp_path):
     orig = engine._start_method
     engine._start_method = lambda: "spawn"
     try:
-        generate_dataset(e, workers=2, **kw)
+        generate_dataset(e, dataclasses.replace(cfg, workers=2))
     finally:
         engine._start_method = orig
     assert tree_digest(e) == da
     # a different seed gives a different set
     d = str(tmp_path / "d")
-    generate_dataset(d, **{**kw, "seed": 12})
+    generate_dataset(d, dataclasses.replace(cfg, seed=12))
     assert tree_digest(d) != da
 
 
 def test_cache_and_argument_mismatch(tmp_path):
     out = str(tmp_path / "s")
-    s1 = generate_dataset(out, 6, seed=0, image_size=32, difficulty="easy")
+    cfg = SynthConfig(num=6, seed=0, image_size=32, difficulty="easy")
+    s1 = generate_dataset(out, cfg)
     assert s1["cached"] is False
-    s2 = generate_dataset(out, 6, seed=0, image_size=32, difficulty="easy")
+    s2 = generate_dataset(out, dataclasses.replace(cfg, workers=2, progress=True))  # run-only: same set
     assert s2["cached"] is True and s2["train"] == s1["train"]
     with pytest.raises(ValueError):
-        generate_dataset(out, 6, seed=1, image_size=32, difficulty="easy")
-    s3 = generate_dataset(out, 6, seed=1, image_size=32, difficulty="easy", overwrite=True)
+        generate_dataset(out, dataclasses.replace(cfg, seed=1))
+    s3 = generate_dataset(out, dataclasses.replace(cfg, seed=1), overwrite=True)
     assert s3["cached"] is False and s3["args"]["seed"] == 1
-    assert "spatial_refs" not in s3["args"]  # the default leaves older cached sets valid
-    assert "spatial_order" not in s3["args"] and "spatial_yesno_fraction" not in s3["args"]
+    # the key is every field but the run-only ones, resolved (the difficulty's defaults filled in)
+    assert s3["args"] == {**dataclasses.replace(cfg, seed=1).cache_key(), "format_version": 1, "plugins": None}
+    assert "workers" not in s3["args"] and "progress" not in s3["args"] and s3["args"]["max_turns"] == 2
     with pytest.raises(ValueError, match="overwrite"):
-        generate_dataset(out, 6, seed=1, image_size=32, difficulty="easy", spatial_refs="color")
+        generate_dataset(out, dataclasses.replace(cfg, seed=1, describe_fraction=0.5))
+
+
+def test_config_from_a_config_dict():
+    """`SynthConfig(**config.data.synth)`: lists for tuples, ints for floats, () for all kinds, and
+    missing keys take the defaults; the cache key does not see the difference."""
+    import ml_collections as mlc
+    d = mlc.ConfigDict(dict(num=6, seed=0, image_size=64, workers=2, heldout_fraction=0, kinds=["color", "count"]))
+    cfg = SynthConfig(**d)
+    assert cfg.kinds == ("color", "count") and isinstance(cfg.heldout_fraction, float)
+    assert cfg.cache_key() == SynthConfig(num=6, image_size=64, heldout_fraction=0.0,
+                                          kinds=("color", "count")).cache_key()
+    assert SynthConfig(kinds=()).kinds == KINDS and SynthConfig(kinds=[]).cache_key()["kinds"] == list(KINDS)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="mc_fraction"):
+        SynthConfig(mc_fraction=-0.5).resolved()
+    with pytest.raises(ValueError, match="mc_fraction \\+ long_fraction"):
+        SynthConfig(mc_fraction=0.6, long_fraction=0.6).resolved()
+    with pytest.raises(ValueError, match="describe_fraction"):
+        SynthPipeline(SynthConfig(describe_fraction=-0.1))
+    with pytest.raises(ValueError, match="kinds"):
+        SynthConfig(kinds=("bogus",)).resolved()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,7 +229,7 @@ def test_answers_derivable_from_description(full_set, easy_set):
 
 def test_caption_mentions_objects_and_text():
     rng = np.random.default_rng(0)
-    from fusion_jax.synth.scene import ProceduralSceneSampler
+    from fusion_jax.synth.sampler import ProceduralSceneSampler
     s = ProceduralSceneSampler()
     for kind in KINDS:
         scene = s.sample(kind, rng, FULL)
@@ -221,7 +249,7 @@ def _bg():
 
 
 def _obj(i, shape, color, x, y, r=0.1, rgb=None):
-    from fusion_jax.synth.scene import COLORS_FULL
+    from fusion_jax.synth.palette import COLORS_FULL
     return SceneObject(id=f"o{i}", shape=shape, color=color, size="medium", x=x, y=y, r=r,
                        rgb=rgb or COLORS_FULL[color])
 
@@ -300,102 +328,14 @@ def test_spatial_and_visibility_rejections():
     assert VisibilityFilter()(ghost, _qa({"op": "color_of", "sel": {"shape": "circle"}}, "white"), ctx) is not None
 
 
-def test_spatial_refs_by_colour():
-    """`color` names an object by its colour when that colour is unique, else by shape; the
-    answer stays derivable from the description. The built-in pipeline keeps shape references."""
+def test_spatial_questions_name_objects_by_shape():
+    """Spatial questions name both objects by shape (adding colour or size only to disambiguate)."""
     scene = Scene(_bg(), [_obj(0, "circle", "red", 0.2, 0.5), _obj(1, "square", "blue", 0.8, 0.5),
                           _obj(2, "triangle", "blue", 0.5, 0.1)], [])
-    rng = np.random.default_rng(0)
-    qas = TemplateQAWriter(spatial_refs="color", mc_fraction=0, long_fraction=0).write(
-        scene, "", "spatial", rng, EASY)
-    refs = [q.spec[k] for q in qas for k in ("a", "b")]
-    assert {"color": "red"} in refs and {"shape": "square"} in refs
-    assert all(r != {"color": "blue"} for r in refs)
-    assert any("the red object" in q.question for q in qas)
-    assert all(evaluate(scene, q.spec) == q.answer_text for q in qas)
     shape_qas = TemplateQAWriter(mc_fraction=0, long_fraction=0).write(scene, "", "spatial",
                                                                         np.random.default_rng(0), EASY)
     assert all("shape" in q.spec[k] for q in shape_qas for k in ("a", "b"))
-    for d in ("easy", "full"):
-        pipe = SynthPipeline(SynthConfig(kinds=("spatial",), image_size=64, difficulty=d))
-        assert pipe.qa_writer.spatial_refs == "shape"
-    # the pipeline option (config.data.synth_spatial_refs, CLI --spatial-refs): easy spatial scenes
-    # keep colours unique, so every question names both objects by colour
-    pipe = SynthPipeline(SynthConfig(kinds=("spatial",), image_size=64, difficulty="easy", spatial_refs="color"))
-    for i in range(8):
-        for q in pipe.make_sample(3, "train", i).qas:
-            assert set(q.spec["a"]) == set(q.spec["b"]) == {"color"}, q.question
-    with pytest.raises(ValueError, match="spatial_refs"):
-        TemplateQAWriter(spatial_refs="size")
-
-
-def test_spatial_refs_mixed():
-    """`mixed` names the object asked about by its (unique) colour and the other by shape, so the
-    two referents differ in kind; answers stay derivable, and a non-unique colour falls back to shape."""
-    scene = Scene(_bg(), [_obj(0, "circle", "red", 0.2, 0.5), _obj(1, "square", "blue", 0.8, 0.5),
-                          _obj(2, "triangle", "blue", 0.5, 0.1)], [])
-    qas = TemplateQAWriter(spatial_refs="mixed", mc_fraction=0, long_fraction=0).write(
-        scene, "", "spatial", np.random.default_rng(0), EASY)
-    assert len(qas) == 6 and all(evaluate(scene, q.spec) == q.answer_text for q in qas)
-    assert all("color" not in q.spec["b"] or "shape" in q.spec["b"] for q in qas)  # never by colour alone
-    subj = [q.spec["a"] for q in qas]
-    assert {"color": "red"} in subj and all(s != {"color": "blue"} for s in subj)
-    assert any(q.question.startswith("Is the red object") and "circle" not in q.question for q in qas)
-    pipe = SynthPipeline(SynthConfig(kinds=("spatial",), image_size=64, difficulty="easy", spatial_refs="mixed"))
-    for i in range(8):
-        for q in pipe.make_sample(3, "train", i).qas:
-            assert set(q.spec["a"]) == {"color"} and "shape" in q.spec["b"], q.question
-    with pytest.raises(ValueError, match="mixed"):
-        SynthConfig(spatial_refs="both").resolved()
-
-
-
-def test_spatial_order_subject_last():
-    """`subject_last` names the reference object first and the object asked about last; the specs,
-    answers and vocabularies are those of `subject_first` with the same draws."""
-    scene = Scene(_bg(), [_obj(0, "circle", "red", 0.2, 0.3), _obj(1, "square", "blue", 0.8, 0.7)], [])
-    kw = dict(mc_fraction=0, long_fraction=0)
-    first = TemplateQAWriter(**kw).write(scene, "", "spatial", np.random.default_rng(3), EASY)
-    last = TemplateQAWriter(spatial_order="subject_last", **kw).write(scene, "", "spatial",
-                                                                       np.random.default_rng(3), EASY)
-    assert [q.spec for q in first] == [q.spec for q in last] and len(last) == 2
-    assert [q.answer for q in first] == [q.answer for q in last]
-    for q in last:
-        assert evaluate(scene, q.spec) == q.answer
-        na, nb = q.spec["a"]["shape"], q.spec["b"]["shape"]
-        assert q.question.index(nb) < q.question.index(na), q.question  # asked-about object last
-        assert q.question.startswith(("Relative to the", "Compared with the")), q.question
-    pipe = SynthPipeline(SynthConfig(kinds=("spatial",), image_size=64, difficulty="easy",
-                                     spatial_order="subject_last"))
-    assert pipe.qa_writer.spatial_order == "subject_last"
-    assert SynthPipeline(SynthConfig(kinds=("spatial",), image_size=64)).qa_writer.spatial_order == "subject_first"
-    with pytest.raises(ValueError, match="spatial_order"):
-        TemplateQAWriter(spatial_order="random")
-    with pytest.raises(ValueError, match="spatial_order"):
-        SynthConfig(spatial_order="last").resolved()
-
-
-def test_spatial_yesno_fraction():
-    """The share of yes / no relation questions: 0 leaves only 'left or right' / 'above or below'
-    questions, 1 only yes / no ones; the default (0.3) keeps older cached sets valid."""
-    scene = Scene(_bg(), [_obj(0, "circle", "red", 0.2, 0.3), _obj(1, "square", "blue", 0.8, 0.7)], [])
-    ops = {}
-    for frac in (0.0, 1.0):
-        w = TemplateQAWriter(mc_fraction=0, long_fraction=0, spatial_yesno_fraction=frac)
-        qs = [q for seed in range(20) for q in w.write(scene, "", "spatial", np.random.default_rng(seed), EASY)]
-        assert all(evaluate(scene, q.spec) == q.answer for q in qs)
-        ops[frac] = {q.spec["op"] for q in qs}
-    assert ops[0.0] == {"lr"} and ops[1.0] == {"rel_is"}  # the pair lies further apart in x
-    cfg = SynthConfig(kinds=("spatial",), image_size=64, difficulty="easy", spatial_yesno_fraction=0.0)
-    assert SynthPipeline(cfg).qa_writer.spatial_yesno_fraction == 0.0
-    with pytest.raises(ValueError, match="spatial_yesno_fraction"):
-        SynthConfig(spatial_yesno_fraction=1.5).resolved()
-    with pytest.raises(ValueError, match="mc_fraction"):
-        SynthConfig(mc_fraction=-0.5).resolved()
-    with pytest.raises(ValueError, match="mc_fraction \\+ long_fraction"):
-        SynthConfig(mc_fraction=0.6, long_fraction=0.6).resolved()
-    with pytest.raises(ValueError, match="spatial_yesno_fraction"):
-        TemplateQAWriter(spatial_yesno_fraction=-0.1)
+    assert all(evaluate(scene, q.spec) == q.answer_text for q in shape_qas)
 
 
 def test_model_score_filter_hook():
@@ -491,80 +431,6 @@ def test_describe_turn_lists_every_object_last_and_train_only():
         assert on.make_sample(5, "eval", i).qas == off.make_sample(5, "eval", i).qas
 
 
-def test_describe_turn_with_positions_names_every_objects_location():
-    from fusion_jax.synth.qa import list_objects
-    scene = Scene(_bg(), [_obj(0, "triangle", "red", 0.8, 0.8), _obj(1, "circle", "blue", 0.5, 0.5),
-                          _obj(2, "triangle", "red", 0.2, 0.2)], [])
-    want = ("a blue circle in the center, a red triangle in the top left corner and "
-            "a red triangle in the bottom right corner")  # equal objects left to right
-    assert list_objects(scene, positions=True) == want
-    assert evaluate(scene, {"op": "objects", "positions": True}) == want
-    qa = TemplateQAWriter(describe_positions=True).describe(scene, np.random.default_rng(0))
-    assert qa.spec == {"op": "objects", "positions": True} and qa.answer == want[0].upper() + want[1:] + "."
-
-    cfg = dict(kinds=("color", "spatial"), image_size=32, difficulty="easy", max_turns=2,
-               describe_fraction=1.0)
-    off, on = SynthPipeline(SynthConfig(**cfg)), SynthPipeline(SynthConfig(**cfg, describe_positions=True))
-    assert on.qa_writer.describe_positions and not off.qa_writer.describe_positions
-    for i in range(6):
-        a, b = off.make_sample(5, "train", i), on.make_sample(5, "train", i)
-        assert a.scene.to_dict() == b.scene.to_dict() and a.qas[:-1] == b.qas[:-1]
-        last = b.qas[-1]
-        assert last.spec["positions"] and evaluate(b.scene, last.spec) == last.answer_text
-        assert last.answer_text.count(" a ") + 1 == len(b.scene.objects)  # one phrase per object
-
-
-def test_describe_positions_in_the_cache_key(tmp_path):
-    out = str(tmp_path / "s")
-    s1 = generate_dataset(out, 6, seed=0, image_size=32, difficulty="easy", describe_fraction=1.0)
-    assert "describe_positions" not in s1["args"]
-    with pytest.raises(ValueError, match="overwrite"):
-        generate_dataset(out, 6, seed=0, image_size=32, difficulty="easy", describe_fraction=1.0,
-                         describe_positions=True)
-    s2 = generate_dataset(out, 6, seed=0, image_size=32, difficulty="easy", describe_fraction=1.0,
-                          describe_positions=True, overwrite=True)
-    assert s2["args"]["describe_positions"] is True
-
-
-def test_locate_turn_asks_one_objects_half_of_the_image():
-    scene = Scene(_bg(), [_obj(0, "circle", "red", 0.2, 0.7), _obj(1, "square", "blue", 0.55, 0.3)], [])
-    assert evaluate(scene, {"op": "side", "sel": {"shape": "circle"}, "axis": "x"}) == "left"
-    assert evaluate(scene, {"op": "side", "sel": {"shape": "circle"}, "axis": "y"}) == "bottom"
-    assert evaluate(scene, {"op": "side", "sel": {"shape": "square"}, "axis": "y"}) == "top"
-    margin, ctx = SpatialMarginFilter(), FilterContext(image_size=64)
-    seen = set()
-    for seed in range(40):
-        qa = TemplateQAWriter().locate(scene, np.random.default_rng(seed))
-        assert qa.kind == "spatial" and qa.spec["op"] == "side" and qa.style == "short"
-        assert evaluate(scene, qa.spec) == qa.answer == qa.answer_text
-        assert margin(scene, qa, ctx) is None
-        seen.add((qa.spec["sel"]["shape"], qa.spec["axis"]))
-    assert seen == {("circle", "x"), ("circle", "y"), ("square", "y")}  # the square's x = 0.55 is too central
-    near = QAPair("spatial", "side", "q", "right", "right", "short",
-                  {"op": "side", "sel": {"shape": "square"}, "axis": "x"})
-    assert "centre line" in margin(scene, near, ctx)
-    assert TemplateQAWriter().locate(Scene(_bg(), [], []), np.random.default_rng(0)) is None
-
-    cfg = dict(kinds=("color", "count", "spatial"), image_size=32, difficulty="easy", max_turns=2,
-               describe_fraction=0.5)
-    off, on = SynthPipeline(SynthConfig(**cfg)), SynthPipeline(SynthConfig(**cfg, locate_fraction=1.0))
-    located = 0
-    for i in range(12):
-        a, b = off.make_sample(5, "train", i), on.make_sample(5, "train", i)
-        assert a.scene.to_dict() == b.scene.to_dict() and b.qas[0] == a.qas[0]
-        ops = [q.spec["op"] for q in b.qas]
-        # second, before any describe turn; absent when no object is nameable and off the centre line
-        if "side" in ops:
-            located += 1
-            assert ops.index("side") == 1 and ops[2:] in ([], ["objects"]), ops
-        assert on.make_sample(5, "eval", i).qas == off.make_sample(5, "eval", i).qas
-    assert located >= 9, located
-    for bad in (dict(locate_fraction=1.5), dict(describe_fraction=-0.1), dict(spatial_refs="size"),
-                dict(describe_fraction=0.0, describe_positions=True)):
-        with pytest.raises(ValueError, match=next(iter(bad))):
-            SynthPipeline(SynthConfig(**cfg | bad))
-
-
 # ----------------------------------------------------------------------------------------------
 # CLI
 
@@ -596,22 +462,11 @@ def test_cli_runs(tmp_path):
 # the data checker accepts every record
 
 def _tokenizer_folder(path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from fusion_jax.data.tokenizer import train_bpe, write_tokenizer_folder
     special = ["<unk>", "<s>", "</s>", "<image>", "<latent_image>", "<vision_start>", "<vision_end>",
                "<|user|>", "<|assistant|>", "<|end|>", "<|system|>"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=special,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["What color is the circle? red green blue yellow. How many squares?"] * 5,
-                            trainer=trainer)
-    os.makedirs(path, exist_ok=True)
-    tok.save(os.path.join(path, "tokenizer.json"))
-    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>",
-                   "add_bos_token": True, "add_eos_token": False, "model_max_length": 4096}, f)
-    return path
+    texts = ["What color is the circle? red green blue yellow. How many squares?"] * 5
+    return write_tokenizer_folder(train_bpe(texts, 300, special), path)
 
 
 def test_data_check_accepts_everything(full_set, tmp_path):

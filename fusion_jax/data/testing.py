@@ -8,8 +8,8 @@ import os
 import numpy as np
 from PIL import Image
 
-SPECIAL = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",
-           "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|im_end|>"]
+from fusion_jax.data.tokenizer import train_bpe, write_tokenizer_folder
+
 CORPUS = [
     "What is in the image? A cat sitting on a red mat.",
     "Describe the picture in detail. There are two dogs playing in the park.",
@@ -22,15 +22,7 @@ CORPUS = [
 
 def make_tokenizer_folder(path: str, *, add_bos: bool = True, vocab_size: int = 400) -> str:
     """Train a byte-level BPE in memory and save it as an HF tokenizer folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS * 5, trainer=trainer)
-    from fusion_jax.data.tokenizer import write_tokenizer_folder
-    return write_tokenizer_folder(tok, path, add_bos=add_bos)
+    return write_tokenizer_folder(train_bpe(CORPUS * 5, vocab_size), path, add_bos=add_bos)
 
 
 def gradient_image(w: int, h: int, mode: str = "RGB", seed: int = 0) -> Image.Image:

@@ -14,6 +14,10 @@ import tokenizers
 
 from fusion_jax.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN
 
+# the special tokens a trained BPE starts with: unk/bos/eos and the chat templates' tags
+SPECIAL = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",
+           "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|im_end|>"]
+
 
 def _token_str(value):
     if isinstance(value, dict):
@@ -99,3 +103,15 @@ def write_tokenizer_folder(tok, path: str, *, add_bos: bool = True) -> str:
     with open(os.path.join(path, "special_tokens_map.json"), "w") as f:
         json.dump({k: cfg[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}, f)
     return path
+
+
+def train_bpe(texts, vocab_size: int, special_tokens=SPECIAL) -> tokenizers.Tokenizer:
+    """A byte-level BPE trained in memory on an iterable of strings (save it with write_tokenizer_folder)."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok

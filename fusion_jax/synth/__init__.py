@@ -6,11 +6,11 @@ pairs that are not derivable or are ambiguous are filtered out (``filters``), an
 written as FUSION-format training JSON + YAML mixture and held-out questions in LLaVA's
 model_vqa format with answers kept apart (``writers``).
 
-    from fusion_jax.synth import generate_dataset
-    summary = generate_dataset("/tmp/synth", num=2000, seed=0, image_size=48, difficulty="easy")
+    from fusion_jax.synth import SynthConfig, generate_dataset
+    summary = generate_dataset("/tmp/synth", SynthConfig(num=2000, seed=0, image_size=48, difficulty="easy"))
 
 CLI: ``python -m fusion_jax.synth --out DIR --num N --seed S [--kinds ...] [--image-size 384]
-[--workers K] [--difficulty easy|full]``.
+[--workers K] [--difficulty easy|full]``, one flag per :class:`SynthConfig` field.
 """
 from .engine import generate_dataset, split_sizes
 from .filters import (
@@ -26,21 +26,21 @@ from .filters import (
                       default_filters,
                       load_scorer,
 )
+from .palette import get_palette
 from .pipeline import SynthConfig, SynthPipeline
 from .qa import Ambiguous, QAPair, TemplateQAWriter, evaluate
 from .render import ProceduralRenderer
+from .sampler import ProceduralSceneSampler
 from .scene import (
                       KINDS,
                       Background,
                       CaptionWriter,
                       ImageGenerator,
-                      ProceduralSceneSampler,
                       QAWriter,
                       Scene,
                       SceneObject,
                       TemplateCaptionWriter,
                       TextItem,
-                      get_palette,
 )
 from .writers import load_answers
 

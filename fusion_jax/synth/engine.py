@@ -5,11 +5,8 @@ import math
 import multiprocessing as mp
 import os
 import sys
-from collections.abc import Sequence
 
 from .pipeline import SynthConfig, SynthPipeline, encode_sample
-from .qa import SPATIAL_YESNO_FRACTION
-from .scene import KINDS
 from .writers import DatasetWriter, clear_output, read_summary, write_summary
 
 FORMAT_VERSION = 1
@@ -36,68 +33,58 @@ def split_sizes(num: int, heldout_fraction: float) -> tuple:
     return num - n_eval, n_eval
 
 
-def generate_dataset(out_dir: str, num: int, seed: int = 0, *, kinds: Sequence[str] | None = None,
-                     image_size: int = 384, workers: int = 1, heldout_fraction: float = 0.1,
-                     difficulty: str = "full", max_turns: int | None = None,
-                     mc_fraction: float | None = None, long_fraction: float | None = None,
-                     describe_fraction: float = 0.0, spatial_refs: str = "shape", locate_fraction: float = 0.0,
-                     describe_positions: bool = False, spatial_order: str = "subject_first",
-                     spatial_yesno_fraction: float = SPATIAL_YESNO_FRACTION, fonts: str = "builtin",
-                     progress: bool = False, overwrite: bool = False,
-                     pipeline: SynthPipeline | None = None, cache_key: dict | None = None) -> dict:
-    """Synthesize ``num`` samples into ``out_dir`` and return the summary dict.
+def generate_dataset(out_dir: str, cfg: SynthConfig, *, overwrite: bool = False,
+                     pipeline: SynthPipeline | None = None, plugins: dict | None = None) -> dict:
+    """Synthesize ``cfg.num`` samples into ``out_dir`` and return the summary dict.
 
-    ``num`` counts all samples; ``round(num * heldout_fraction)`` of them (at least one when the
-    fraction is positive) become held-out questions, the rest training conversations.
-    Training sample i has kind ``kinds[i % len(kinds)]`` (same for held-out sample j), so kinds
-    are balanced. Output is byte-identical for the same arguments, whatever ``workers``.
+    ``round(num * heldout_fraction)`` of them (at least one when the fraction is positive) become
+    held-out questions, the rest training conversations. Training sample i has kind
+    ``kinds[i % len(kinds)]`` (same for held-out sample j), so kinds are balanced. Output is
+    byte-identical for the same config, whatever ``cfg.workers``.
 
-    Caching: when ``out_dir/summary.json`` exists with the same arguments the set is not
-    regenerated (the stored summary is returned with ``"cached": True``); with different
-    arguments a ``ValueError`` is raised unless ``overwrite=True``.
+    Caching: when ``out_dir/summary.json`` holds the same cache key (``cfg.cache_key()``) the set
+    is not regenerated (the stored summary is returned with ``"cached": True``); with another key a
+    ``ValueError`` is raised unless ``overwrite=True``.
 
-    ``pipeline``: a custom :class:`SynthPipeline` (plug-in stages); its config then wins over
-    the keyword arguments, and ``cache_key`` (any JSON-able dict) should describe the plug-ins.
+    ``pipeline``: a :class:`SynthPipeline` built from ``cfg`` with plug-in stages; ``plugins`` (any
+    JSON-able dict) describes them in the cache key.
     """
-    if pipeline is None:
-        cfg = SynthConfig(kinds=tuple(kinds) if kinds else KINDS, image_size=int(image_size),
-                          difficulty=difficulty, max_turns=max_turns, mc_fraction=mc_fraction,
-                          long_fraction=long_fraction, describe_fraction=float(describe_fraction),
-                          spatial_refs=spatial_refs, locate_fraction=float(locate_fraction),
-                          describe_positions=bool(describe_positions), spatial_order=spatial_order,
-                          spatial_yesno_fraction=float(spatial_yesno_fraction),
-                          fonts=fonts)
-        pipeline = SynthPipeline(cfg)
-    cfg = pipeline.config
-    n_train, n_eval = split_sizes(int(num), float(heldout_fraction))
-    args = {"num": int(num), "seed": int(seed), "kinds": list(cfg.kinds), "image_size": cfg.image_size,
-            "heldout_fraction": float(heldout_fraction), "difficulty": cfg.difficulty,
-            "max_turns": cfg.max_turns, "mc_fraction": cfg.mc_fraction,
-            "long_fraction": cfg.long_fraction, "fonts": cfg.fonts, "max_attempts": cfg.max_attempts,
-            "format_version": FORMAT_VERSION, "plugins": cache_key}
-    if cfg.describe_fraction:  # absent when off, so sets cached before the option stay valid
-        args["describe_fraction"] = cfg.describe_fraction
-    if cfg.locate_fraction:
-        args["locate_fraction"] = cfg.locate_fraction
-    if cfg.describe_positions:
-        args["describe_positions"] = True
-    if cfg.spatial_refs != "shape":
-        args["spatial_refs"] = cfg.spatial_refs
-    if cfg.spatial_order != "subject_first":
-        args["spatial_order"] = cfg.spatial_order
-    if cfg.spatial_yesno_fraction != SPATIAL_YESNO_FRACTION:
-        args["spatial_yesno_fraction"] = cfg.spatial_yesno_fraction
-    old = read_summary(out_dir) if os.path.isdir(out_dir) else None
-    if old is not None and not overwrite:
-        if old.get("args") == args:
-            return {**old, "cached": True}
-        raise ValueError(f"{out_dir} holds a synthesized set made with other arguments "
-                         f"({old.get('args')}); pass overwrite=True (CLI --overwrite) to replace it")
+    pipeline = pipeline or SynthPipeline(cfg)
+    if pipeline.config != cfg.resolved():
+        raise ValueError("generate_dataset: the pipeline was built from another SynthConfig")
+    tasks = _tasks(cfg)
+    key = {**cfg.cache_key(), "format_version": FORMAT_VERSION, "plugins": plugins}
+    cached = _cached_summary(out_dir, key, overwrite)
+    if cached is not None:
+        return cached
     os.makedirs(out_dir, exist_ok=True)
     clear_output(out_dir)
+    writer = DatasetWriter(out_dir, pipeline.config.kinds)
+    _run(pipeline, tasks, writer, cfg.workers, cfg.progress)
+    summary = {**writer.close(), "args": key}
+    write_summary(out_dir, summary)
+    return {**summary, "cached": False}
 
-    tasks = [(int(seed), "train", i) for i in range(n_train)] + [(int(seed), "eval", j) for j in range(n_eval)]
-    writer = DatasetWriter(out_dir, cfg.kinds)
+
+def _tasks(cfg: SynthConfig) -> list:
+    """(seed, split, index) of every sample, in the order they are written."""
+    n_train, n_eval = split_sizes(cfg.num, cfg.heldout_fraction)
+    return [(cfg.seed, "train", i) for i in range(n_train)] + [(cfg.seed, "eval", j) for j in range(n_eval)]
+
+
+def _cached_summary(out_dir: str, key: dict, overwrite: bool) -> dict | None:
+    """The stored summary when ``out_dir`` holds the set ``key`` describes; None to (re)generate."""
+    old = read_summary(out_dir) if os.path.isdir(out_dir) else None
+    if old is None or overwrite:
+        return None
+    if old.get("args") == key:
+        return {**old, "cached": True}
+    raise ValueError(f"{out_dir} holds a synthesized set made with other arguments "
+                     f"({old.get('args')}); pass overwrite=True (CLI --overwrite) to replace it")
+
+
+def _run(pipeline: SynthPipeline, tasks: list, writer: DatasetWriter, workers: int, progress: bool):
+    """Make every sample (in worker processes when ``workers > 1``) and hand them to the writer in order."""
     bar = None
     if progress:
         from tqdm import tqdm
@@ -105,20 +92,15 @@ def generate_dataset(out_dir: str, num: int, seed: int = 0, *, kinds: Sequence[s
     try:
         if workers <= 1 or len(tasks) < 2:
             _init_worker(pipeline)
-            results = map(_work, tasks)
-            _consume(results, writer, bar)
+            _consume(map(_work, tasks), writer, bar)
         else:
             ctx = mp.get_context(_start_method())
             chunk = max(1, min(32, len(tasks) // (workers * 8) or 1))
-            with ctx.Pool(int(workers), initializer=_init_worker, initargs=(pipeline,)) as pool:
+            with ctx.Pool(workers, initializer=_init_worker, initargs=(pipeline,)) as pool:
                 _consume(pool.imap(_work, tasks, chunksize=chunk), writer, bar)
     finally:
         if bar is not None:
             bar.close()
-    summary = writer.close()
-    summary["args"] = args
-    write_summary(out_dir, summary)
-    return {**summary, "cached": False}
 
 
 def _start_method() -> str:

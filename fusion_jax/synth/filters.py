@@ -24,7 +24,8 @@ import numpy as np
 
 from .qa import Ambiguous, QAPair, evaluate, referenced_objects
 from .render import object_masks, visible_fractions
-from .scene import Scene, color_distance, contrast_ratio, select, text_overlaps_objects
+from .sampler import color_distance, contrast_ratio, text_overlaps_objects
+from .scene import Scene, select
 
 
 @dataclasses.dataclass
@@ -134,12 +135,6 @@ class SpatialMarginFilter:
 
     def __call__(self, scene: Scene, qa: QAPair, ctx: FilterContext) -> str | None:
         op = qa.spec["op"]
-        if op == "side":  # one object's half of the image: its centre clear of the centre line
-            objs = select(scene, qa.spec["sel"])
-            if len(objs) != 1:
-                return "missing referent"
-            d = abs((objs[0].x if qa.spec["axis"] == "x" else objs[0].y) - 0.5)
-            return None if d >= self.margin else f"too close to the centre line to call ({d:.3f} < {self.margin})"
         if op not in ("lr", "ab", "rel_is"):
             return None
         try:

@@ -8,82 +8,85 @@ the work is spread over processes.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 
 import numpy as np
 
 from .filters import FilterChain, FilterContext, ModelScoreFilter
-from .qa import SHORT_SUFFIX, SPATIAL_ORDERS, SPATIAL_REFS, SPATIAL_YESNO_FRACTION, QAPair, TemplateQAWriter, qa_to_dict
+from .palette import get_palette
+from .qa import SHORT_SUFFIX, QAPair, TemplateQAWriter, qa_to_dict
 from .render import ProceduralRenderer, png_bytes
-from .scene import (
-    KINDS,
-    CaptionWriter,
-    ImageGenerator,
-    ProceduralSceneSampler,
-    QAWriter,
-    TemplateCaptionWriter,
-    get_palette,
-)
+from .sampler import ProceduralSceneSampler
+from .scene import KINDS, CaptionWriter, ImageGenerator, QAWriter, TemplateCaptionWriter
 
 SPLITS = {"train": 0, "eval": 1}
 IMAGE_TOKEN = "<image>"
+RUN_ONLY = "run_only"  # field metadata: changes how a set is made, never its bytes (so not in the cache key)
+_CAST = {"int": int, "float": float}  # ConfigDict / CLI values: 0 for 0.0, numpy scalars
+
+
+def _opt(default, help: str, run_only: bool = False):
+    return dataclasses.field(default=default, metadata={"help": help, RUN_ONLY: run_only})
 
 
 @dataclasses.dataclass(frozen=True)
 class SynthConfig:
-    kinds: tuple = KINDS
-    image_size: int = 384
-    difficulty: str = "full"  # 'easy' (tiny models) or 'full'
-    max_turns: int | None = None  # turns per training conversation (default: easy 2, full 4)
-    mc_fraction: float | None = None  # default: easy 0.15, full 0.25
-    long_fraction: float | None = None  # default: easy 0.0, full 0.3
-    # probability that a training conversation ends with "Which shapes are in the image?"
-    # (all objects by colour and shape; needs a QA writer with ``describe``)
-    describe_fraction: float = 0.0
-    # the describe turn also gives each object's location ('a red circle in the top left corner')
-    describe_positions: bool = False
-    # probability that a training conversation with objects also asks which half of the image
-    # one object lies in (needs a QA writer with ``locate``), before any describe turn
-    locate_fraction: float = 0.0
-    # how spatial questions name objects: "shape" ('the circle'), "color" ('the red object') or
-    # "mixed" (the object asked about by colour, the other by shape)
-    spatial_refs: str = "shape"
-    # where relation questions name the object asked about: "subject_first" | "subject_last"
-    spatial_order: str = "subject_first"
-    # share of relation questions asked in the yes / no form ('Is the circle to the left of the square?')
-    spatial_yesno_fraction: float = SPATIAL_YESNO_FRACTION
-    fonts: str = "builtin"
-    max_attempts: int = 40
+    """Every synthesis option, spelled once: the CLI's flags and the cache key are derived from these
+    fields. A train config passes ``SynthConfig(**config.data.synth)`` (missing keys: defaults)."""
+
+    num: int = _opt(1000, "number of samples (train + held-out)")
+    seed: int = _opt(0, "seed of the whole set")
+    heldout_fraction: float = _opt(0.1, "share of the samples written as held-out questions")
+    kinds: tuple = _opt(KINDS, f"comma list from {','.join(KINDS)} (empty: all)")
+    image_size: int = _opt(384, "image side in pixels")
+    difficulty: str = _opt("full", "easy: 6 colours, 3 large shapes, short answers (for tiny models / small "
+                                   "images) | full")
+    max_turns: int | None = _opt(None, "turns per training conversation (default: easy 2, full 4)")
+    mc_fraction: float | None = _opt(None, "share of multiple-choice pairs (default: easy 0.15, full 0.25)")
+    long_fraction: float | None = _opt(None, "share of sentence answers (default: easy 0, full 0.3)")
+    describe_fraction: float = _opt(0.0, "probability that a training conversation ends with 'Which shapes are "
+                                         "in the image?' (every object by colour and shape)")
+    fonts: str = _opt("builtin", "builtin | system (adds the installed TrueType fonts)")
+    max_attempts: int = _opt(40, "scene draws per sample before giving up")
+    workers: int = _opt(1, "worker processes (the bytes do not depend on it)", run_only=True)
+    progress: bool = _opt(False, "show a progress bar", run_only=True)
+
+    def __post_init__(self):
+        object.__setattr__(self, "kinds", tuple(self.kinds) or KINDS)
+        for f in dataclasses.fields(self):
+            cast, v = _CAST.get(f.type.split(" |")[0]), getattr(self, f.name)
+            if cast is not None and v is not None:
+                object.__setattr__(self, f.name, cast(v))
 
     def resolved(self) -> SynthConfig:
+        """Validated, with the difficulty's defaults filled in."""
         easy = self.difficulty == "easy"
         get_palette(self.difficulty)
         bad = [k for k in self.kinds if k not in KINDS]
-        if bad or not self.kinds:
+        if bad:
             raise ValueError(f"unknown kinds {bad}; choose from {','.join(KINDS)}")
         if self.image_size < 16:
             raise ValueError("image_size must be >= 16")
-        for name in ("describe_fraction", "locate_fraction", "spatial_yesno_fraction", "mc_fraction",
-                     "long_fraction"):
+        for name in ("describe_fraction", "mc_fraction", "long_fraction"):
             v = getattr(self, name)
             if v is not None and not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {v}")
         if (self.mc_fraction or 0.0) + (self.long_fraction or 0.0) > 1.0:
             raise ValueError(f"mc_fraction + long_fraction must be <= 1, got {self.mc_fraction} + "
                              f"{self.long_fraction}")
-        if self.describe_positions and not self.describe_fraction:
-            raise ValueError("describe_positions changes the describe turn; it needs describe_fraction > 0")
-        if self.spatial_refs not in SPATIAL_REFS:
-            raise ValueError(f"spatial_refs must be one of {SPATIAL_REFS}, got {self.spatial_refs!r}")
-        if self.spatial_order not in SPATIAL_ORDERS:
-            raise ValueError(f"spatial_order must be one of {SPATIAL_ORDERS}, got {self.spatial_order!r}")
         return dataclasses.replace(
             self,
-            kinds=tuple(self.kinds),
             max_turns=self.max_turns if self.max_turns is not None else (2 if easy else 4),
             mc_fraction=self.mc_fraction if self.mc_fraction is not None else (0.15 if easy else 0.25),
             long_fraction=self.long_fraction if self.long_fraction is not None else (0.0 if easy else 0.3),
         )
+
+    def cache_key(self) -> dict:
+        """What the set's bytes depend on (the resolved fields but the run-only ones), as JSON stores it."""
+        c = self.resolved()
+        return json.loads(json.dumps({f.name: getattr(c, f.name) for f in dataclasses.fields(c)
+                                      if not f.metadata[RUN_ONLY]}))
 
 
 @dataclasses.dataclass
@@ -120,9 +123,7 @@ class SynthPipeline:
         self.qa_writer = qa_writer or TemplateQAWriter(
             mc_fraction=c.mc_fraction, long_fraction=c.long_fraction,
             short_suffix="" if c.difficulty == "easy" else SHORT_SUFFIX,
-            varied=c.difficulty != "easy", spatial_refs=c.spatial_refs,
-            describe_positions=c.describe_positions, spatial_order=c.spatial_order,
-            spatial_yesno_fraction=c.spatial_yesno_fraction)
+            varied=c.difficulty != "easy")
         self.filters = FilterChain(filters)
         self.model_filter = ModelScoreFilter(scorer, scorer_threshold) if scorer is not None else None
 
@@ -163,19 +164,18 @@ class SynthPipeline:
             else:
                 n = int(rng.integers(1, c.max_turns + 1))
                 qas = kept[:n]
-                extra = []  # optional turns after the kind's own; describe last, so no earlier
-                for name, frac in (("locate", c.locate_fraction), ("describe", c.describe_fraction)):
-                    if frac > 0 and rng.random() < frac:  # answer can be copied from it
-                        extra += self._extra(scene, rng, ctx, rejections, name)
+                extra = []  # the describe turn comes last, so no earlier answer can be copied from it
+                if c.describe_fraction > 0 and rng.random() < c.describe_fraction:
+                    extra = self._describe(scene, rng, ctx, rejections)
                 if extra:
                     qas = qas[:max(1, c.max_turns - len(extra))] + extra
             return Sample(split, index, kind, scene, caption, image, qas, rejections, attempt)
         raise RuntimeError(f"no QA pair of kind {kind!r} survived the filters in {c.max_attempts} "
                            f"attempts (split={split}, index={index}, image_size={c.image_size})")
 
-    def _extra(self, scene, rng, ctx, rejections, name) -> list:
-        """The QA writer's optional `describe` / `locate` turn, filtered ([] when absent)."""
-        make = getattr(self.qa_writer, name, None)
+    def _describe(self, scene, rng, ctx, rejections) -> list:
+        """The QA writer's optional `describe` turn, filtered ([] when absent)."""
+        make = getattr(self.qa_writer, "describe", None)
         qa = make(scene, rng) if make is not None else None
         return [] if qa is None else self._filter(scene, [qa], ctx, rejections)
 

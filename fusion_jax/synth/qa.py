@@ -12,7 +12,8 @@ import dataclasses
 
 import numpy as np
 
-from .scene import Palette, Scene, location_phrase, noun_phrase, number_word, select, unique_selector
+from .palette import Palette
+from .scene import Scene, noun_phrase, number_word, select, unique_selector
 
 SHORT_SUFFIX = "Answer the question using a single word or phrase."
 MC_SUFFIX = "Answer with the option's letter from the given choices directly."
@@ -55,12 +56,6 @@ def evaluate(scene: Scene, spec: dict) -> str:
         return str(len(select(scene, spec["sel"])))
     if op == "exists":
         return "yes" if select(scene, spec["sel"]) else "no"
-    if op == "side":  # which half of the image an object's centre lies in
-        o = _one(scene, spec["sel"])
-        d = (o.x - 0.5) if spec["axis"] == "x" else (o.y - 0.5)
-        if d == 0:
-            raise Ambiguous("object on the centre line")
-        return ("left" if d < 0 else "right") if spec["axis"] == "x" else ("top" if d < 0 else "bottom")
     if op in ("lr", "ab", "rel_is"):
         a, b = _one(scene, spec["a"]), _one(scene, spec["b"])
         if a is b:
@@ -81,30 +76,21 @@ def evaluate(scene: Scene, spec: dict) -> str:
     if op == "caption":
         return spec["caption"]
     if op == "objects":
-        return list_objects(scene, positions=bool(spec.get("positions")))
+        return list_objects(scene)
     raise ValueError(f"unknown op {op!r}")
 
 
-def list_objects(scene: Scene, positions: bool = False) -> str:
+def list_objects(scene: Scene) -> str:
     """'a yellow circle, two green squares and a red triangle': every (colour, shape) group,
-    ordered by shape then colour name, so the words follow from the image alone. ``positions``:
-    every object on its own with the caption's location phrase ('a green square on the left, a
-    green square in the top right corner and ...'), equal groups ordered left to right. The phrase
-    cuts the image in thirds (``region_of``), so an object near a cut is named by its centre alone:
-    a training turn, never asked at evaluation."""
+    ordered by shape then colour name, so the words follow from the image alone."""
     if not scene.objects:
         raise Ambiguous("no objects to list")
-    if positions:
-        objs = sorted(scene.objects, key=lambda o: (o.shape, o.color, o.x, o.y))
-        parts = [f"{noun_phrase({'color': o.color, 'shape': o.shape}, 'a')} {location_phrase(o.x, o.y)}"
-                 for o in objs]
-    else:
-        groups: dict = {}
-        for o in scene.objects:
-            groups[(o.shape, o.color)] = groups.get((o.shape, o.color), 0) + 1
-        parts = [(noun_phrase({"color": c, "shape": s}, "a") if n == 1 else
-                  f"{number_word(n)} {noun_phrase({'color': c, 'shape': s}, '', n)}")
-                 for (s, c), n in sorted(groups.items())]
+    groups: dict = {}
+    for o in scene.objects:
+        groups[(o.shape, o.color)] = groups.get((o.shape, o.color), 0) + 1
+    parts = [(noun_phrase({"color": c, "shape": s}, "a") if n == 1 else
+              f"{number_word(n)} {noun_phrase({'color': c, 'shape': s}, '', n)}")
+             for (s, c), n in sorted(groups.items())]
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
@@ -113,21 +99,15 @@ def referenced_objects(scene: Scene, spec: dict) -> list:
     op = spec["op"]
     if op == "objects":
         return list(scene.objects)
-    if op in ("color_of", "shape_of", "count", "exists", "side"):
+    if op in ("color_of", "shape_of", "count", "exists"):
         return select(scene, spec["sel"])
     if op in ("lr", "ab", "rel_is"):
         return select(scene, spec["a"]) + select(scene, spec["b"])
     return []
 
 
-# where relation questions name the object asked about; subject_last puts it next to the answer,
-# so a small decoder reads the nearest noun instead of carrying the first one across the question
-SPATIAL_ORDERS = ("subject_first", "subject_last")
-# how spatial questions name objects (TemplateQAWriter.spatial_refs)
-SPATIAL_REFS = ("shape", "color", "mixed")
-# the default share of relation questions in the yes / no form (the sets made before it was a knob)
+# the share of relation questions asked in the yes / no form; the rest ask for the relation word
 SPATIAL_YESNO_FRACTION = 0.3
-SIDE_PHRASE = {"left": "on the left", "right": "on the right", "above": "above", "below": "below"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,32 +117,11 @@ class TemplateQAWriter:
     ``mc_fraction`` / ``long_fraction``: probability that a pair is multiple choice / has a
     sentence answer (the rest are short). ``short_suffix``: instruction appended to short
     questions (LLaVA's VQA prompt), '' for none. ``varied``: several phrasings per question.
-    ``spatial_refs``: how spatial questions name objects: ``shape`` ('the circle', adding colour
-    or size only to disambiguate; the built-in pipeline's choice) or ``color`` ('the red object'
-    when that colour is unique, else as ``shape``): spatial questions that need no shape recognition.
-    ``describe_positions``: the describe turn gives every object's location (``list_objects``).
-    ``spatial_order``: where relation questions name the object asked about: ``subject_first``
-    ('Is the circle left or right of the square?') or ``subject_last`` ('Relative to the square,
-    is the circle on the left or on the right?'); same answers, same relations.
-    ``spatial_yesno_fraction``: the share of relation questions asked in the yes / no form; the rest
-    ask for the relation word (or its letter).
+    Spatial questions name objects by shape ('the circle'), adding colour or size only to disambiguate.
     """
 
     def __init__(self, mc_fraction: float = 0.25, long_fraction: float = 0.3,
-                 short_suffix: str = SHORT_SUFFIX, varied: bool = True, num_choices: int = 4,
-                 spatial_refs: str = "shape", describe_positions: bool = False,
-                 spatial_order: str = "subject_first",
-                 spatial_yesno_fraction: float = SPATIAL_YESNO_FRACTION):
-        if not 0.0 <= spatial_yesno_fraction <= 1.0:
-            raise ValueError(f"spatial_yesno_fraction must be in [0, 1], got {spatial_yesno_fraction}")
-        if spatial_refs not in SPATIAL_REFS:
-            raise ValueError(f"spatial_refs must be one of {SPATIAL_REFS}, got {spatial_refs!r}")
-        if spatial_order not in SPATIAL_ORDERS:
-            raise ValueError(f"spatial_order must be one of {SPATIAL_ORDERS}, got {spatial_order!r}")
-        self.spatial_refs = spatial_refs
-        self.spatial_order = spatial_order
-        self.spatial_yesno_fraction = float(spatial_yesno_fraction)
-        self.describe_positions = bool(describe_positions)
+                 short_suffix: str = SHORT_SUFFIX, varied: bool = True, num_choices: int = 4):
         self.mc_fraction = mc_fraction
         self.long_fraction = long_fraction
         self.short_suffix = short_suffix
@@ -244,33 +203,22 @@ class TemplateQAWriter:
                                     vocab, self._style(rng)))
         return out
 
-    def _ref(self, scene, o, subject=True):
-        """How a spatial question names ``o``: the subject (the object asked about) or the other."""
-        by_color = self.spatial_refs == "color" or (self.spatial_refs == "mixed" and subject)
-        if by_color and len(select(scene, {"color": o.color})) == 1:
-            return {"color": o.color}
-        return unique_selector(scene, o)
-
     def _spatial(self, scene, rng, p):
-        mixed = self.spatial_refs == "mixed"  # only then does the other object get another name
-        refs = [(o, s, self._ref(scene, o, subject=False) if mixed else s)
-                for o in scene.objects if (s := self._ref(scene, o)) is not None]
-        refs = [r for r in refs if r[2] is not None]
+        refs = [(o, s) for o in scene.objects if (s := unique_selector(scene, o)) is not None]
         pairs = [(i, j) for i in range(len(refs)) for j in range(len(refs)) if i != j]
-        first = self.spatial_order == "subject_first"
         out = []
         for k in rng.permutation(len(pairs)).tolist():
-            (a, sa, _), (b, _, sb) = refs[pairs[k][0]], refs[pairs[k][1]]
+            (a, sa), (b, sb) = refs[pairs[k][0]], refs[pairs[k][1]]
             na, nb = noun_phrase(sa), noun_phrase(sb)
             axis = "x" if abs(a.x - b.x) >= abs(a.y - b.y) else "y"
             form = rng.random()
-            if form < self.spatial_yesno_fraction:
+            if form < SPATIAL_YESNO_FRACTION:
                 rel = (("left", "right") if axis == "x" else ("above", "below"))[int(rng.integers(2))]
                 phrase = {"left": "to the left of", "right": "to the right of", "above": "above",
                           "below": "below"}[rel]
                 spec = {"op": "rel_is", "a": sa, "b": sb, "rel": rel, "axis": axis}
                 ans = evaluate(scene, spec)
-                q = f"Is {na} {phrase} {nb}?" if first else f"Relative to {nb}, is {na} {SIDE_PHRASE[rel]}?"
+                q = f"Is {na} {phrase} {nb}?"
                 long_a = f"{'Yes' if ans == 'yes' else 'No'}, {na} is " \
                          f"{'' if ans == 'yes' else 'not '}{phrase} {nb}."
                 out.append(self._finish(rng, "spatial", "rel_is", spec, q, ans, long_a, ["yes", "no"],
@@ -280,18 +228,14 @@ class TemplateQAWriter:
                 spec = {"op": "lr", "a": sa, "b": sb}
                 ans = evaluate(scene, spec)
                 q = self._pick(rng, [f"Is {na} to the left or to the right of {nb}?",
-                                     f"Is {na} left or right of {nb}?"] if first else
-                               [f"Relative to {nb}, is {na} to the left or to the right?",
-                                f"Compared with {nb}, is {na} on the left or on the right?"])
+                                     f"Is {na} left or right of {nb}?"])
                 long_a = f"{na.capitalize()} is to the {ans} of {nb}."
                 vocab = ["left", "right"]
             else:
                 spec = {"op": "ab", "a": sa, "b": sb}
                 ans = evaluate(scene, spec)
                 q = self._pick(rng, [f"Is {na} above or below {nb}?",
-                                     f"Is {na} higher or lower than {nb}? Answer above or below."] if first else
-                               [f"Relative to {nb}, is {na} above or below?",
-                                f"Compared with {nb}, is {na} higher or lower? Answer above or below."])
+                                     f"Is {na} higher or lower than {nb}? Answer above or below."])
                 long_a = f"{na.capitalize()} is {ans} {nb}."
                 vocab = ["above", "below"]
             out.append(self._finish(rng, "spatial", spec["op"], spec, q, ans, long_a, vocab,
@@ -370,25 +314,9 @@ class TemplateQAWriter:
             return None
         q = self._pick(rng, ["Which shapes are in the image?", "List the shapes in the image.",
                              "What shapes can you see?"])
-        spec = {"op": "objects", "positions": True} if self.describe_positions else {"op": "objects"}
+        spec = {"op": "objects"}
         ans = evaluate(scene, spec)
         return QAPair("scene", "objects", q, ans[0].upper() + ans[1:] + ".", ans, "long", spec)
-
-    def locate(self, scene: Scene, rng: np.random.Generator, min_offset: float = 0.15) -> QAPair | None:
-        """'Is the circle on the left or the right side of the image?': one object's absolute
-        position, a training turn that needs one lookup where a relation needs two (the step
-        before comparing). None when no nameable object lies ``min_offset`` off a centre line."""
-        # (object, axis) pairs clear of the centre line, so the margin filter keeps most turns
-        cands = [(sel, axis) for o in scene.objects if (sel := self._ref(scene, o)) is not None
-                 for axis, c in (("x", o.x), ("y", o.y)) if abs(c - 0.5) >= min_offset]
-        if not cands:
-            return None
-        sel, axis = cands[int(rng.integers(len(cands)))]
-        spec = {"op": "side", "sel": sel, "axis": axis}
-        ans = evaluate(scene, spec)  # unique referent, off the centre line: never ambiguous
-        q = (f"Is {noun_phrase(sel)} on the left or the right side of the image?" if axis == "x" else
-             f"Is {noun_phrase(sel)} in the top or the bottom half of the image?")
-        return QAPair("spatial", "side", q, ans, ans, "short", spec, chance=0.5)
 
     def write(self, scene: Scene, caption: str, kind: str, rng: np.random.Generator,
               palette: Palette) -> list:

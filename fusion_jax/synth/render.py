@@ -162,13 +162,13 @@ class ProceduralRenderer:
         px = max(4, int(bh))
         for _ in range(40):
             font = _font(font_id, px)
-            l, tp, r, b = draw.textbbox((0, 0), t.text, font=font, stroke_width=stroke)
-            if (r - l) <= bw and (b - tp) <= bh or px <= 4:
+            left, top, right, bottom = draw.textbbox((0, 0), t.text, font=font, stroke_width=stroke)
+            if (right - left) <= bw and (bottom - top) <= bh or px <= 4:
                 break
             px = max(4, int(px * 0.92))
         cx, cy = (t.x0 + t.x1) / 2 * side, (t.y0 + t.y1) / 2 * side
-        x = cx - (r - l) / 2 - l
-        y = cy - (b - tp) / 2 - tp
+        x = cx - (right - left) / 2 - left
+        y = cy - (bottom - top) / 2 - top
         draw.text((x, y), t.text, fill=tuple(t.rgb), font=font, stroke_width=stroke,
                   stroke_fill=tuple(t.rgb))
 

@@ -1,6 +1,6 @@
 """Training data: the grain pipeline for a config, and the offline synthesized set for `tiny`.
 
-`prepare_synth(workdir, dc)` synthesizes the set (cached in WORKDIR/data) and trains a byte-level
+`prepare_synth(workdir, synth, ...)` synthesizes the set (cached in WORKDIR/data) and trains a byte-level
 BPE tokenizer on its text (saved in WORKDIR/tokenizer, which evaluation reuses).
 """
 from __future__ import annotations
@@ -8,10 +8,10 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 
-import numpy as np
-
-from fusion_jax.data.testing import SPECIAL
+from fusion_jax.data.tokenizer import train_bpe, write_tokenizer_folder
+from fusion_jax.synth.pipeline import SynthConfig
 
 
 def _system_text(template: str | None) -> str:
@@ -43,52 +43,30 @@ def _synth_texts(data_dir: str, template: str | None = None):
 def train_tokenizer(data_dir: str, out: str, vocab_size: int = 512, template: str | None = None) -> str:
     """Byte-level BPE over the synthesized texts (and `template`'s system message, once per
     training sample), saved as an HF tokenizer folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_synth_texts(data_dir, template), trainer=trainer)
-    tmp = out + ".tmp"
-    from fusion_jax.data.tokenizer import write_tokenizer_folder
-    write_tokenizer_folder(tok, tmp, add_bos=True)
+    tmp = out + ".tmp"  # a half-written folder never looks trained
+    write_tokenizer_folder(train_bpe(_synth_texts(data_dir, template), vocab_size), tmp, add_bos=True)
     if os.path.isdir(out):
-        import shutil
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
 
 
-def prepare_synth(workdir: str, dc, log=print) -> tuple[str, str, str]:
-    """(mixture_yaml, image_folder, tokenizer_dir) of the synthesized set for config.data `dc`.
+def prepare_synth(workdir: str, synth: SynthConfig, *, template: str, tokenizer_vocab_size: int,
+                  log=print) -> tuple[str, str, str]:
+    """(mixture_yaml, image_folder, tokenizer_dir) of the synthesized set `synth`, with a tokenizer
+    trained on its text for `template`.
 
-    Process 0 synthesizes; with several processes the others wait on a marker file.
+    Process 0 synthesizes; with several processes the others wait at a barrier.
     """
     import jax
     data_dir = os.path.join(workdir, "data")
     tok_dir = os.path.join(workdir, "tokenizer")
     if jax.process_index() == 0:
         from fusion_jax.synth import generate_dataset
-        from fusion_jax.synth.qa import SPATIAL_YESNO_FRACTION
-        s = generate_dataset(data_dir, int(dc.synth_num), int(dc.synth_seed), image_size=int(dc.synth_image_size),
-                             workers=int(dc.synth_workers), heldout_fraction=float(dc.synth_heldout_fraction),
-                             difficulty=str(dc.synth_difficulty),
-                             kinds=list(dc.synth_kinds) if dc.synth_kinds else None,
-                             max_turns=int(dc.get("synth_max_turns", 0)) or None,
-                             describe_fraction=float(dc.get("synth_describe_fraction", 0.0)),
-                             spatial_refs=str(dc.get("synth_spatial_refs", "shape")),
-                             locate_fraction=float(dc.get("synth_locate_fraction", 0.0)),
-                             describe_positions=bool(dc.get("synth_describe_positions", False)),
-                             spatial_order=str(dc.get("synth_spatial_order", "subject_first")),
-                             mc_fraction=None if float(dc.get("synth_mc_fraction", -1.0)) < 0
-                             else float(dc.synth_mc_fraction),
-                             spatial_yesno_fraction=float(dc.get("synth_spatial_yesno_fraction",
-                                                                 SPATIAL_YESNO_FRACTION)),
-                             progress=bool(dc.get("synth_progress", False)))
+        s = generate_dataset(data_dir, synth)
         log(f"synth data: {data_dir} ({'cached' if s.get('cached') else 'generated'})")
         if not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
-            train_tokenizer(data_dir, tok_dir, int(dc.tokenizer_vocab_size), str(dc.template))
+            train_tokenizer(data_dir, tok_dir, tokenizer_vocab_size, template)
             log(f"tokenizer: trained on the synthesized text -> {tok_dir}")
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -111,18 +89,3 @@ def build_iterator(dc, model_cfg, tokenizer, *, per_process_batch: int, seed: in
                           instruct_buckets=tuple(dc.instruct_buckets) if dc.instruct_buckets else None,
                           worker_count=int(dc.worker_count))
     return DataIterator(build_dataset(src, proc, pcfg))
-
-
-def to_device_batch(batch: dict, mesh) -> dict:
-    """Host-local numpy batch -> global arrays sharded over data x fsdp (model keys only)."""
-    import jax
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    from fusion_jax.train.step import BATCH_AXES, BATCH_KEYS
-    out = {}
-    for k in BATCH_KEYS:
-        v = np.asarray(batch[k])
-        sh = NamedSharding(mesh, P(BATCH_AXES, *([None] * (v.ndim - 1))))
-        out[k] = jax.make_array_from_process_local_data(sh, v)
-    return out
