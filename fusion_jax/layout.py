@@ -3,7 +3,7 @@
 The reference splices image features into the sequence in Python, per sample
 (`prepare_inputs_labels_for_multimodal`). Here the host decides *where* every
 block goes and the device only gathers/scatters, so shapes depend on the bucket
-alone. Semantics reproduced (see shared/golden/fusion_ref/README.md):
+alone. Semantics reproduced (see tests/golden/fusion_ref/README.md):
 
 * splicing is order based: in a sample holding an IMAGE placeholder the first
   placeholder (IMAGE or LATENT) receives the P image tokens and every later one

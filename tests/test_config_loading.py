@@ -18,7 +18,7 @@ def test_tower_derivations():
 
 def test_reference_config_fields(golden_dir):
     cfg = read_config(str(golden_dir / "phi3_train"))
-    assert cfg.llm.family == "phi3" and cfg.sampler_after == (0, 2) and cfg.query_len == (16,)
+    assert cfg.llm.family == "phi3" and cfg.interaction_after == (0, 2) and cfg.query_len == (16,)
     assert cfg.vision.num_patches == 729 and cfg.vision.split == 13 and cfg.max_length == 4096
     assert cfg.projector_depth == 2 and cfg.window_size == 3 and cfg.dsm_weight == 0.1
     d = json.loads((golden_dir / "phi3_train" / "config.json").read_text())

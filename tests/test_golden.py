@@ -74,7 +74,7 @@ def test_spliced_inputs_and_decoder_states(train_case):
     for layer in range(hs.shape[0]):
         got = np.stack([hs[layer, b][vp[b]] * (vp[b] >= 0)[:, None] for b in range(vp.shape[0])])
         close(got, ref["hidden_states_at_vision_positions"][layer])
-    close(out["sampler_outputs"], ref["vision_sampler_outputs"])
+    close(out["interaction_outputs"], ref["vision_sampler_outputs"])
     np.testing.assert_array_equal(np.asarray(batch["latent_pos"]), vp)
     np.testing.assert_array_equal(np.asarray(batch["instruct_pos"]), ref["instruct_positions"])
     np.testing.assert_array_equal(np.asarray(batch["labels"]), ref["new_labels"])
