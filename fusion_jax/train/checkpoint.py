@@ -43,10 +43,18 @@ class _StateBox:
         pass
 
 
+class _ParamsHandler(ocp.PyTreeCheckpointHandler):
+    """zarr3 without OCDBT (the converter's format). Orbax's finalize merges per-process OCDBT files
+    whatever use_ocdbt says and warns at every save that it found none: there is nothing to merge."""
+
+    def finalize(self, directory):
+        del directory
+
+
 def _handlers():
     import grain
     return {
-        "params": ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=True),
+        "params": _ParamsHandler(use_ocdbt=False, use_zarr3=True),
         "train": ocp.StandardCheckpointHandler(),
         "data": grain.checkpoint.CheckpointHandler(),
         "meta": ocp.JsonCheckpointHandler(),
