@@ -169,7 +169,7 @@ def test_exact_resume_and_load_params(tmp_path):
           "model.tiny.vision_hidden_size": 32, "model.tiny.vision_intermediate_size": 64,
           "model.tiny.vision_layers": 3, "model.tiny.num_sampler_layers": 1, "model.tiny.image_size": 16,
           "data.max_length": 128, "data.seq_buckets": (128,), "data.max_questions": 2,
-          "vision_warmup.steps": 3}   # the resumed run must not warm up again
+          "vision_warmup.steps": 3, "vision_warmup.text_images": 16}   # the resumed run must not warm up again
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     r = loop.train(_tc(**kw), full)   # with the tiny preset's held-out evaluation at the end
     assert r["heldout"]["overall"]["n"] == 8 and "chance" in r["heldout"]["per_category"]["color"]

@@ -86,9 +86,6 @@ class Checkpointer:
         self.finalize_dirs()
         return saved
 
-    def should_save(self, step: int) -> bool:
-        return self.mngr.should_save(int(step))
-
     def wait(self):
         self.mngr.wait_until_finished()
         self.finalize_dirs()

@@ -22,10 +22,6 @@ def path_str(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
-def param_paths(params) -> list[str]:
-    return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-
-
 def _compile(patterns: Sequence[str] | str | None, key: str):
     if not patterns:
         return []
