@@ -44,11 +44,22 @@ class _StateBox:
 
 
 class _ParamsHandler(ocp.PyTreeCheckpointHandler):
-    """zarr3 without OCDBT (the converter's format). Orbax's finalize merges per-process OCDBT files
-    whatever use_ocdbt says and warns at every save that it found none: there is nothing to merge."""
+    """zarr3 without OCDBT (the converter's format, read per array by convert/orbax_io). Orbax's
+    finalize merges per-process OCDBT files whatever use_ocdbt says, and warns at every save that
+    it found none: there is nothing to merge."""
 
     def finalize(self, directory):
         del directory
+
+
+@ocp.args.register_with_handler(_ParamsHandler, for_save=True)
+class _ParamsSave(ocp.args.PyTreeSave):
+    pass
+
+
+@ocp.args.register_with_handler(_ParamsHandler, for_restore=True)
+class _ParamsRestore(ocp.args.PyTreeRestore):
+    pass
 
 
 def _handlers():
@@ -77,7 +88,7 @@ class Checkpointer:
     # ---------------------------------------------------------------- save
     def save(self, step: int, state: dict, data_state: Any, meta: dict, *, force: bool = False) -> bool:
         args = ocp.args.Composite(
-            params=ocp.args.PyTreeSave(state["params"]),
+            params=_ParamsSave(state["params"]),
             train=ocp.args.StandardSave({k: state[k] for k in ("opt_state", "step", "rng")}),
             data=_grain_save(_StateBox(data_state)),
             meta=ocp.args.JsonSave({**meta, "step": int(step)}),
@@ -116,7 +127,7 @@ class Checkpointer:
         t_abs = {k: abstract_state[k] for k in ("opt_state", "step", "rng")}
         box = _StateBox()
         out = self.mngr.restore(int(step), args=ocp.args.Composite(
-            params=ocp.args.PyTreeRestore(item=p_abs, restore_args=_restore_args(p_abs)),
+            params=_ParamsRestore(item=p_abs, restore_args=_restore_args(p_abs)),
             train=ocp.args.StandardRestore(t_abs),
             data=_grain_restore(box),
             meta=ocp.args.JsonRestore(),
