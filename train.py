@@ -3,7 +3,8 @@
     python train.py                                   # configs/tiny.py: offline, synthesized data
     python train.py --config configs/fusion_3b_phi35_stage1.py --workdir /ckpt/s1 \
         --config.data.path=... --config.init_from=/ckpt/converted_stage0
-    python train.py --config configs/tiny.py --config.total_steps=100 --config.mesh='(2,2,2)'
+    python train.py --config configs/tiny.py --config.total_steps=100 --config.mesh='(2,2,2)' \
+        --config.model.linear_2d=False   # one-device CPU choice; sharded, XLA:CPU deadlocked on it
 
 Rerunning the same command resumes from WORKDIR/checkpoints/<latest>. SIGTERM/SIGINT save a
 checkpoint and exit cleanly. See fusion_jax/train/ for the pieces.
