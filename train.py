@@ -3,7 +3,8 @@
     python train.py                                   # configs/tiny.py: offline, synthesized data
     python train.py --config configs/fusion_3b_phi35_stage1.py --workdir /ckpt/s1 \
         --config.data.path=... --config.init_from=/ckpt/converted_stage0
-    python train.py --config configs/tiny.py --config.total_steps=100 --config.mesh='(2,2,2)'
+    python train.py --config configs/tiny.py --config.total_steps=100 --config.mesh='(2,2,2)' \
+        --config.model.linear_2d=False   # one-device CPU choice; sharded, XLA:CPU deadlocked on it
 
 Rerunning the same command resumes from WORKDIR/checkpoints/<latest>. SIGTERM/SIGINT save a
 checkpoint and exit cleanly. See fusion_jax/train/ for the pieces.
@@ -23,8 +24,23 @@ flags.DEFINE_string("workdir", None, "output directory (default: runs/<config na
 FLAGS = flags.FLAGS
 
 
+def skip_tpu_probe():
+    """libtpu installed (the tpu-aot extra) on a host without TPU chips: JAX would still start the TPU
+    runtime, which waits on the cloud metadata server and prints warnings. aot_compile, which needs
+    libtpu for TPU topologies, does not come through here."""
+    import importlib.util
+
+    import jax
+    from jax._src import hardware_utils  # JAX's own look for TPU chips on the PCI bus
+    if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
+        return
+    if hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0 and not hardware_utils.has_visible_nvidia_gpu():
+        jax.config.update("jax_platforms", "cpu")
+
+
 def main(argv):
     del argv
+    skip_tpu_probe()
     from absl import logging
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
     from fusion_jax.train.loop import TrainingError, train

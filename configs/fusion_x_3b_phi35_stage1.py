@@ -1,4 +1,5 @@
-"""FUSION-X (siglip2-giant-opt-patch16-384) 3b (phi35) stage1: the reference recipe (scripts/train/fusion-x_3b_stage1.sh).
+"""FUSION-X (siglip2-giant-opt-patch16-384) 3b (phi35) stage1: the reference recipe
+(scripts/train/fusion-x_3b_stage1.sh).
 Set --config.data.path / image_folder / tokenizer and --config.init_from (previous stage)."""
 from fusion_jax.train.presets import stage_config
 

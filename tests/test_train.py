@@ -59,12 +59,16 @@ def _batch(B=8, S=96, seed=0):
     return out
 
 
+def _shard(b, mesh):
+    from fusion_jax.train.step import BATCH_KEYS
+    return loop.shard_batch({k: b[k] for k in BATCH_KEYS}, mesh)
+
+
 def _run(setup, batches):
-    from fusion_jax.train.data import to_device_batch
     state = setup.init_state()
     losses = []
     for b in batches:
-        state, m = setup.train_step(state, to_device_batch(b, setup.mesh))
+        state, m = setup.train_step(state, _shard(b, setup.mesh))
         losses.append(float(m["loss"]))
     return state, losses
 
@@ -83,7 +87,7 @@ def test_mesh_2x2x2_matches_single_device(single):
     assert sharded, "no parameter is sharded on the 2x2x2 mesh"
     s2, l2 = _run(s8, batches)
     np.testing.assert_allclose(l1, l2, rtol=1e-5, atol=1e-5)
-    for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s2["params"])):
+    for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s2["params"]), strict=True):
         # Adam's normalised update magnifies 1e-7 gradient differences on near-zero gradients
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-4)
 
@@ -94,7 +98,7 @@ def test_grad_accumulation_equals_big_batch(single):
     acc = loop.Setup(_tc(mesh=(1, 1, 1), grad_accum=4), None, mesh=single.mesh, model_cfg=_cfg())
     s4, l4 = _run(acc, [b])
     np.testing.assert_allclose(l1, l4, rtol=1e-6, atol=1e-6)
-    for a, c in zip(jax.tree.leaves(s1), jax.tree.leaves(s4)):
+    for a, c in zip(jax.tree.leaves(s1), jax.tree.leaves(s4), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-6)
 
 
@@ -107,7 +111,7 @@ def test_frozen_parameters_bit_identical():
     flat0 = jax.tree_util.tree_flatten_with_path(init)[0]
     flat1 = jax.tree.leaves(state["params"])
     n_frozen = n_moved = 0
-    for (path, a), b in zip(flat0, flat1):
+    for (path, a), b in zip(flat0, flat1, strict=True):
         name = "/".join(k.key for k in path)
         if name.startswith(("model/vision_tower/", "model/aux_projector/")):
             assert np.array_equal(a, np.asarray(b)), name
@@ -120,14 +124,13 @@ def test_frozen_parameters_bit_identical():
 
 
 def test_nonfinite_loss_keeps_state(single):
-    from fusion_jax.train.data import to_device_batch
     state = single.init_state()
     before = jax.tree.map(np.asarray, state["params"])
     b = _batch(seed=5)
     b["images"][0, 4, 0, 0, 0] = np.nan
-    state, m = single.train_step(state, to_device_batch(b, single.mesh))
+    state, m = single.train_step(state, _shard(b, single.mesh))
     assert not bool(m["finite"])
-    for a, c in zip(jax.tree.leaves(before), jax.tree.leaves(state["params"])):
+    for a, c in zip(jax.tree.leaves(before), jax.tree.leaves(state["params"]), strict=True):
         assert np.array_equal(a, np.asarray(c))
 
 
@@ -140,12 +143,9 @@ def test_config_errors_name_the_key():
         loop.validate(_tc(**{"model.tiny.embed_init_std": 0.0}))
     with pytest.raises(ValueError, match=r"config\.model\.tiny\.embed_init_std"):
         loop.validate(_tc(**{"model.tiny.embed_init_std": None}))
-    with pytest.raises(ValueError, match=r"config\.model\.image_token_grid"):
-        loop.validate(_tc(**{"model.image_token_grid": -1}))
-    for bad in (-0.5, float("nan")):
-        with pytest.raises(ValueError, match=r"config\.model\.ce_turn_power"):
-            loop.validate(_tc(**{"model.ce_turn_power": bad}))
-    assert loop.model_overrides(_tc(**{"model.ce_turn_power": 1}))["ce_turn_power"] == 1.0
+    for bad in (-1, 0):
+        with pytest.raises(ValueError, match=r"config\.model\.image_token_grid"):
+            loop.validate(_tc(**{"model.image_token_grid": bad}))
     with pytest.raises(ValueError, match=r"config\.global_batch_size"):
         loop.Setup(_tc(global_batch_size=6, grad_accum=4), None, mesh=make_mesh((1, 1, 1), jax.devices()[:1]),
                    model_cfg=_cfg())
@@ -164,16 +164,20 @@ def _losses(workdir):
 
 def test_exact_resume_and_load_params(tmp_path):
     kw = {"total_steps": 6, "checkpoint_every": 3, "log_every": 1, "keep_checkpoints": 2,
-          "data.synth_num": 80, "data.synth_workers": 1, "data.synth_image_size": 32,
+          "data.synth.num": 80, "data.synth.workers": 1, "data.synth.image_size": 32,
           "model.tiny.hidden_size": 64, "model.tiny.intermediate_size": 128, "model.tiny.num_hidden_layers": 2,
           "model.tiny.vision_hidden_size": 32, "model.tiny.vision_intermediate_size": 64,
           "model.tiny.vision_layers": 3, "model.tiny.num_sampler_layers": 1, "model.tiny.image_size": 16,
           "data.max_length": 128, "data.seq_buckets": (128,), "data.max_questions": 2,
-          "vision_warmup.steps": 3}   # the resumed run must not warm up again
+          "vision_warmup.steps": 3, "vision_warmup.text_images": 16}   # the resumed run must not warm up again
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    loop.train(_tc(**kw), full)
+    r = loop.train(_tc(**kw), full)   # with the tiny preset's held-out evaluation at the end
+    assert r["heldout"]["overall"]["n"] == 8 and "chance" in r["heldout"]["per_category"]["color"]
+    with open(os.path.join(full, "heldout_summary.json")) as f:
+        assert json.load(f)["overall"] == r["heldout"]["overall"]
+    assert len(open(os.path.join(full, "heldout_answers.jsonl")).readlines()) == 8
     r = loop.train(_tc(stop_after=4, **kw), part)   # interrupted after step 4 (checkpoint at 4)
-    assert r["stopped"] == "stop_after" and r["step"] == 4
+    assert r["stopped"] == "stop_after" and r["step"] == 4 and "heldout" not in r
     loop.train(_tc(**kw), part)                      # same command again: resumes at 4
     a, b = _losses(full), _losses(part)
     assert sorted(a) == sorted(b) == list(range(1, 7))
@@ -182,6 +186,8 @@ def test_exact_resume_and_load_params(tmp_path):
             assert abs(a[k][key] - b[k][key]) <= 1e-6, (k, key, a[k][key], b[k][key])
         assert {"step", "loss", "ce_loss", "dsm_loss", "lr", "grad_norm", "tokens_per_s"} <= set(a[k])
     assert sorted(os.listdir(os.path.join(full, "checkpoints"))) == ["3", "6"]
+    with open(os.path.join(full, "fusion_config.json")) as f:
+        assert json.load(f)["vision_remat_policy"] == "none"
     assert os.listdir(os.path.join(full, "tensorboard"))
     # the evaluation entry point
     from fusion_jax.train.checkpoint import load_params
@@ -196,10 +202,26 @@ def test_exact_resume_and_load_params(tmp_path):
 
 def test_image_token_grid_reaches_the_model():
     tc = presets.tiny_train_config()
-    assert loop.resolve_model_config(tc, 384).num_image_tokens == 64      # 0: the tower's 8 x 8
+    assert loop.resolve_model_config(tc, 384).num_image_tokens == 64      # None: the tower's 8 x 8
     tc.model.image_token_grid = 4
     cfg = loop.resolve_model_config(tc, 384)
     assert (cfg.image_token_grid, cfg.num_image_tokens) == (4, 16)
+
+
+def test_model_keys_reach_the_model_config():
+    """One route: every config.model key naming a FusionConfig field arrives as is (plus max_length)."""
+    import dataclasses
+
+    from fusion_jax.config import FusionConfig, parse_query_len
+    tc = _tc(**{"model.vision_remat_policy": "full", "model.early_mask_mode": "intended"})
+    cfg = loop.resolve_model_config(tc, 384)
+    fields = {f.name for f in dataclasses.fields(FusionConfig)}
+    for k in tc.model.keys():
+        if k in fields:
+            want = parse_query_len(tc.model[k]) if k == "query_len" else tc.model[k]
+            assert getattr(cfg, k) == want, k
+    assert (cfg.vision_remat_policy, cfg.early_mask_mode, cfg.max_length) == ("full", "intended", 192)
+    assert (cfg.llm.hidden_size, cfg.vision.num_hidden_layers) == (128, 5)   # the sizes of model.tiny
 
 
 def test_embed_init_std_reaches_the_model():
@@ -242,52 +264,13 @@ def test_synth_tokenizer_learns_the_template_system_message(tmp_path):
 
 
 
-def test_llm_warmup_trains_the_decoder_on_captions_only(tmp_path):
-    """The tiny recipe's decoder warm start: caption LM loss falls, the vision tower and the
-    interaction layers come back unchanged, deterministic; misuse is a config error naming the key."""
-    from flax import nnx
-
-    from fusion_jax.data.tokenizer import load_tokenizer
-    from fusion_jax.synth import generate_dataset
-    from fusion_jax.train.data import train_tokenizer
-    from fusion_jax.train.llm_warmup import caption_batches, warm_start_llm
-    from fusion_jax.train.step import build_model
-    data = str(tmp_path / "data")
-    generate_dataset(data, 40, seed=2, image_size=32, difficulty="easy", heldout_fraction=0.1)
-    tok = load_tokenizer(train_tokenizer(data, str(tmp_path / "tok"), vocab_size=400))
-    ids, mask, cut = caption_batches(["a red circle is on the left.", "x " * 50], tok, 16)
-    assert ids.shape == mask.shape == (2, 16) and mask[1].all() and 0 < mask[0].sum() < 16 and cut == 1
-    assert list(ids[0, :mask[0].sum()]) == list(tok("a red circle is on the left."))
-    import dataclasses
-    cfg = _cfg()
-    cfg = cfg.replace(llm=dataclasses.replace(cfg.llm, vocab_size=tok.vocab_size))
-    p0 = jax.tree.map(np.asarray, nnx.split(build_model(cfg, 0))[1].to_pure_dict())
-    kw = dict(steps=30, lr=3e-3, batch_size=4, seq_len=48, seed=0, log=lambda m: None)
-    a, st = warm_start_llm(cfg, p0, data, tok, **kw)
-    b, _ = warm_start_llm(cfg, p0, data, tok, **kw)
-    assert st["loss_last"] < 0.8 * st["loss_first"] and st["captions"] == 36 and st["skipped"] == 0, st
-    assert jax.tree.structure(a) == jax.tree.structure(p0)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(x, y)
-    for name in ("vision_tower", "vision_sampler_layers", "mm_projector"):
-        for x, z in zip(jax.tree.leaves(a["model"][name]), jax.tree.leaves(p0["model"][name])):
-            np.testing.assert_array_equal(x, z)
-    for name in ("embed_tokens", "layers"):
-        assert any(not np.array_equal(x, z) for x, z in zip(jax.tree.leaves(a["model"][name]),
-                                                            jax.tree.leaves(p0["model"][name])))
-    with pytest.raises(ValueError, match=r"config\.llm_warmup\.steps"):
-        loop.validate(_tc(**{"llm_warmup.steps": 5, "vision_warmup.steps": 0, "data.source": "path",
-                             "data.path": data, "data.tokenizer": data}))
-    with pytest.raises(ValueError, match=r"config\.llm_warmup\.seq_len"):
-        loop.validate(_tc(**{"llm_warmup.steps": 5, "llm_warmup.seq_len": 2, "data.source": "synth"}))
-
 def test_vision_warmup_learns_object_tags_and_touches_only_the_tower(tmp_path):
     """The tiny recipe's tower warm start: labels from the synthesized descriptions, loss falls,
     same tree back, deterministic; misuse is a config error naming the key."""
-    from fusion_jax.synth import generate_dataset
     from fusion_jax.train.tower_warmup import read_scenes, tag_targets, warm_start_tower
-    data = str(tmp_path / "data")
-    generate_dataset(data, 60, seed=1, image_size=32, difficulty="easy", heldout_fraction=0.1)
+    synth = loop.SynthConfig(num=60, seed=1, image_size=32, difficulty="easy", heldout_fraction=0.1)
+    _, data, _ = loop.prepare_synth(str(tmp_path), synth, template="phi_3", tokenizer_vocab_size=400,
+                                    log=lambda m: None)
     rows = read_scenes(data)
     tg = tag_targets(rows, 4)
     assert tg["shapes"] == ["circle", "square", "triangle"]
@@ -317,80 +300,21 @@ def test_vision_warmup_learns_object_tags_and_touches_only_the_tower(tmp_path):
     assert st["loss_last"] < 0.8 * st["loss_first"], st
     assert st["text_images"] == 24 and st["images"] == len(rows) and len(st["words"]) > 3, st
     assert jax.tree.structure(a) == jax.tree.structure(tower0)
-    for x, y, z in zip(jax.tree.leaves(a), jax.tree.leaves(b), jax.tree.leaves(tower0)):
+    for x, y, z in zip(jax.tree.leaves(a), jax.tree.leaves(b), jax.tree.leaves(tower0), strict=True):
         assert x.shape == z.shape
         np.testing.assert_array_equal(x, y)
-    assert any(not np.array_equal(x, z) for x, z in zip(jax.tree.leaves(a), jax.tree.leaves(tower0)))
-    # region targets (vision_warmup.region_bands): per shape then colour, column bands then row bands
-    from fusion_jax.train.tower_warmup import region_targets
-    one = [{"scene": {"objects": [{"shape": "square", "color": "red", "x": 0.9, "y": 0.1}]}}]
-    r = region_targets(one, ["circle", "square"], ["blue", "red"], 3).reshape(4, 2, 3)
-    assert r.sum() == 4 and r[1, 0, 2] == r[1, 1, 0] == r[3, 0, 2] == r[3, 1, 0] == 1
-    c, st2 = warm_start_tower(cfg, data, tower0, **{**kw, "region_bands": 2, "region_weight": 3.0})
-    assert st2["region_bands"] == 2 and st2["region_weight"] == 3.0 and 0.0 <= st2["region_acc_last"] <= 1.0
-    assert st2["loss_last"] < 0.8 * st2["loss_first"], st2
-    assert jax.tree.structure(c) == jax.tree.structure(tower0)
-
-    # side tags (vision_warmup.side_tags): each object's half on both axes, background patches "none"
-    from fusion_jax.train.tower_warmup import BACKGROUND_SLOTS
-    scene = {"objects": [{"shape": "circle", "color": "red", "x": 0.2, "y": 0.8, "r": 0.1},
-                         {"shape": "square", "color": "blue", "x": 0.52, "y": 0.3, "r": 0.1}],
-             "texts": [{"text": "cat", "x0": 0.6, "x1": 0.9, "y0": 0.6, "y1": 0.7}]}
-    ts = tag_targets([{"scene": scene}], 8, side_tags=True)
-    assert ts["patch"].shape == (1, 3 + BACKGROUND_SLOTS)
-    assert ts["side_x"][0, :3].tolist() == [0, -1, 2] and ts["side_y"][0, :3].tolist() == [1, 0, 2]
-    bg = ts["patch"][0, 3:]
-    assert (ts["side_x"][0, 3:] == 2).all() and (ts["shape"][0, 3:] == -1).all() and len(set(bg.tolist())) == 4
-    for p in bg.tolist():  # clear of both discs and of the text box
-        cy, cx = (p // 8 + 0.5) / 8, (p % 8 + 0.5) / 8
-        assert all(np.hypot(cx - o["x"], cy - o["y"]) > o["r"] for o in scene["objects"])
-        assert not (0.6 - 1 / 16 < cx < 0.9 + 1 / 16 and 0.6 - 1 / 16 < cy < 0.7 + 1 / 16)
-    assert "side_x" not in tag_targets([{"scene": scene}], 8)  # off: the recipe's targets, unchanged
-    d, st3 = warm_start_tower(cfg, data, tower0, **{**kw, "side_tags": True})
-    assert st3["side_tags"] and 0.0 <= st3["side_acc_last"] <= 1.0 and st3["loss_last"] < 0.8 * st3["loss_first"], st3
-    assert jax.tree.structure(d) == jax.tree.structure(tower0)
-    bad_tc = _tc(**{"vision_warmup.steps": 5, "data.source": "synth"})
-    with bad_tc.unlocked():  # ml_collections refuses a non-bool; a hand-built config may not
-        del bad_tc.vision_warmup["side_tags"]
-        bad_tc.vision_warmup.side_tags = "yes"
-    with pytest.raises(ValueError, match=r"config\.vision_warmup\.side_tags"):
-        loop.validate(bad_tc)
-    # dense tags (vision_warmup.dense_tags): every patch inside a disc, the topmost object where they overlap
-    over = {"objects": [{"shape": "circle", "color": "red", "x": 0.3, "y": 0.3, "r": 0.2},
-                        {"shape": "square", "color": "blue", "x": 0.45, "y": 0.3, "r": 0.1},
-                        {"shape": "triangle", "color": "red", "x": 0.8, "y": 0.8, "r": 0.01}], "texts": []}
-    dn = tag_targets([{"scene": over}], 8, side_tags=True, dense=True)
-    owner = {}
-    for p, s_, sx in zip(dn["patch"][0], dn["shape"][0], dn["side_x"][0]):
-        if s_ >= 0:
-            assert p not in owner and sx == (0 if dn["shapes"][s_] != "triangle" else 1)
-            owner[int(p)] = dn["shapes"][s_]
-    for p in range(64):
-        cy, cx = (p // 8 + 0.5) / 8, (p % 8 + 0.5) / 8
-        want = "square" if np.hypot(cx - 0.45, cy - 0.3) <= 0.1 else "circle" if np.hypot(cx - 0.3, cy - 0.3) <= 0.2 else None
-        assert owner.get(p) == (want or ("triangle" if p == 6 * 8 + 6 else None)), p  # a tiny object keeps its centre patch
-    assert tag_targets([{"scene": over}], 8, side_tags=True)["patch"][0, :3].tolist() == [2 * 8 + 2, 2 * 8 + 3, 6 * 8 + 6]
-    with bad_tc.unlocked():
-        del bad_tc.vision_warmup["side_tags"]
-        bad_tc.vision_warmup.side_tags = True
-        del bad_tc.vision_warmup["dense_tags"]
-        bad_tc.vision_warmup.dense_tags = 1
-    with pytest.raises(ValueError, match=r"config\.vision_warmup\.dense_tags"):
-        loop.validate(bad_tc)
+    assert any(not np.array_equal(x, z) for x, z in zip(jax.tree.leaves(a), jax.tree.leaves(tower0), strict=True))
 
     with pytest.raises(ValueError, match=r"train_scenes\.jsonl"):
         read_scenes(str(tmp_path))
     bad = tmp_path / "bad"
     (bad / "meta").mkdir(parents=True)
-    for text, want in (('{"image": "a.png", "scene": {"objects": []}}\n', r"train_scenes\.jsonl:1 is not a scene record"),
-                       ('\n{"image": "a.png"\n', r"train_scenes\.jsonl:2 is not JSON")):
+    cases = (('{"image": "a.png", "scene": {"objects": []}}\n', r"train_scenes\.jsonl:1 is not a scene record"),
+             ('\n{"image": "a.png"\n', r"train_scenes\.jsonl:2 is not JSON"))
+    for text, want in cases:
         (bad / "meta" / "train_scenes.jsonl").write_text(text)
         with pytest.raises(ValueError, match=want):
             read_scenes(str(bad))
-    with pytest.raises(ValueError, match=r"config\.vision_warmup\.region_bands"):
-        loop.validate(_tc(**{"vision_warmup.steps": 5, "vision_warmup.region_bands": -1, "data.source": "synth"}))
-    with pytest.raises(ValueError, match=r"config\.vision_warmup\.region_weight"):
-        loop.validate(_tc(**{"vision_warmup.steps": 5, "vision_warmup.region_weight": 0.0, "data.source": "synth"}))
     with pytest.raises(ValueError, match=r"config\.vision_warmup\.steps"):
         loop.validate(_tc(**{"vision_warmup.steps": 5, "data.source": "path", "data.path": data,
                              "data.tokenizer": data}))

@@ -50,10 +50,29 @@ class _StateBox:
         pass
 
 
+class _ParamsHandler(ocp.PyTreeCheckpointHandler):
+    """zarr3 without OCDBT (the converter's format, read per array by convert/orbax_io). Orbax's
+    finalize merges per-process OCDBT files whatever use_ocdbt says, and warns at every save that
+    it found none: there is nothing to merge."""
+
+    def finalize(self, directory):
+        del directory
+
+
+@ocp.args.register_with_handler(_ParamsHandler, for_save=True)
+class _ParamsSave(ocp.args.PyTreeSave):
+    pass
+
+
+@ocp.args.register_with_handler(_ParamsHandler, for_restore=True)
+class _ParamsRestore(ocp.args.PyTreeRestore):
+    pass
+
+
 def _handlers():
     import grain
     return {
-        "params": ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=True),
+        "params": _ParamsHandler(use_ocdbt=False, use_zarr3=True),
         "train": ocp.StandardCheckpointHandler(),
         "data": grain.checkpoint.CheckpointHandler(),
         "meta": ocp.JsonCheckpointHandler(),
@@ -76,7 +95,7 @@ class Checkpointer:
     # ---------------------------------------------------------------- save
     def save(self, step: int, state: dict, data_state: Any, meta: dict, *, force: bool = False) -> bool:
         args = ocp.args.Composite(
-            params=ocp.args.PyTreeSave(state["params"]),
+            params=_ParamsSave(state["params"]),
             train=ocp.args.StandardSave({k: state[k] for k in ("opt_state", "step", "rng")}),
             data=_grain_save(_StateBox(data_state)),
             meta=ocp.args.JsonSave({**meta, "step": int(step)}),
@@ -84,9 +103,6 @@ class Checkpointer:
         saved = self.mngr.save(int(step), args=args, force=force)
         self.finalize_dirs()
         return saved
-
-    def should_save(self, step: int) -> bool:
-        return self.mngr.should_save(int(step))
 
     def wait(self):
         self.mngr.wait_until_finished()
@@ -118,7 +134,7 @@ class Checkpointer:
         t_abs = {k: abstract_state[k] for k in ("opt_state", "step", "rng")}
         box = _StateBox()
         out = self.mngr.restore(int(step), args=ocp.args.Composite(
-            params=ocp.args.PyTreeRestore(item=p_abs, restore_args=_restore_args(p_abs)),
+            params=_ParamsRestore(item=p_abs, restore_args=_restore_args(p_abs)),
             train=ocp.args.StandardRestore(t_abs),
             data=_grain_restore(box),
             meta=ocp.args.JsonRestore(),

@@ -1,32 +1,30 @@
-"""The training loop behind train.py: setup, resume, steps, logging, checkpoints, guard rails."""
+"""The training loop behind train.py: data, setup, init or resume, steps, checkpoints, guard rails."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import time
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
 
-from fusion_jax.config import FusionConfig, parse_query_len
-from fusion_jax.sharding import make_mesh, spec_for
+from fusion_jax.config import FusionConfig
+from fusion_jax.sharding import make_mesh
 from fusion_jax.train import checkpoint as ckpt_lib
-from fusion_jax.train import flops as flops_lib
 from fusion_jax.train import optim, presets
 from fusion_jax.train import step as step_lib
+from fusion_jax.train._merge_shim import SynthConfig, logical_shardings, prepare_synth, shard_batch  # TEMP
+from fusion_jax.train.data import build_iterator
+from fusion_jax.train.metrics import MetricsLogger, TrainingError, batch_info, fmt_time, log, truncate_metrics
 
+__all__ = ["Setup", "TrainingError", "resolve_model_config", "train", "validate"]
 
-class TrainingError(RuntimeError):
-    """A stop the user must act on (NaN loss, bad config); the message says what happened."""
-
-
-def log(msg: str):
-    if jax.process_index() == 0:
-        print(msg, flush=True)
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "nothing")
 
 
 def maybe_initialize_distributed():
@@ -56,10 +54,7 @@ def validate(tc):
          f"{tc.global_batch_size} not divisible by grad_accum={tc.grad_accum}")
     need(tc.optim.lr > 0, "optim.lr", f"must be > 0, got {tc.optim.lr}")
     need(0 <= tc.optim.warmup_ratio < 1, "optim.warmup_ratio", f"must be in [0, 1), got {tc.optim.warmup_ratio}")
-    end, decay = tc.optim.get("end_lr_ratio", 0.0), tc.optim.get("decay_ratio", 1.0)  # older configs lack them
-    need(0 <= end <= 1, "optim.end_lr_ratio", f"must be in [0, 1], got {end}")
-    need(0 < decay <= 1, "optim.decay_ratio", f"must be in (0, 1], got {decay}")
-    optim.make_schedule(1.0, 100, tc.optim.warmup_ratio, tc.optim.schedule, end, decay)  # its errors, before synthesis
+    optim.make_schedule(1.0, 100, tc.optim.warmup_ratio, tc.optim.schedule)  # its errors, before synthesis
     need(tc.data.source in ("path", "synth"), "data.source", f"expected path | synth, got {tc.data.source!r}")
     if tc.data.source == "path":
         need(bool(tc.data.path), "data.path", "empty (a JSON/YAML mixture or prepared dataset dir)")
@@ -68,51 +63,30 @@ def validate(tc):
              "empty, and init_from has no tokenizer/ to fall back on")
     if tc.init_from:
         need(os.path.exists(tc.init_from), "init_from", f"{tc.init_from} does not exist")
-    if int(tc.get("vision_warmup", {}).get("steps", 0)) > 0:
+    if "vision_warmup" in tc and tc.vision_warmup.steps > 0:
         need(tc.data.source == "synth", "vision_warmup.steps",
              "needs the synthesized scene descriptions (data.source = 'synth')")
         need(not tc.init_from, "vision_warmup.steps", "is for towers trained from scratch; init_from is set")
         need(jax.process_count() == 1, "vision_warmup.steps",
              f"runs in one process (it gathers the tower's weights); {jax.process_count()} processes")
-        bands = int(tc.vision_warmup.get("region_bands", 0))
-        need(0 <= bands <= 8, "vision_warmup.region_bands", f"must be 0 (off) to 8, got {bands}")
-        rw = float(tc.vision_warmup.get("region_weight", 1.0))
-        need(rw > 0, "vision_warmup.region_weight", f"must be > 0, got {rw}")
-        st = tc.vision_warmup.get("side_tags", False)
-        need(isinstance(st, bool), "vision_warmup.side_tags", f"must be True or False, got {st!r}")
-        dt = tc.vision_warmup.get("dense_tags", False)
-        need(isinstance(dt, bool), "vision_warmup.dense_tags", f"must be True or False, got {dt!r}")
-    if int(tc.get("llm_warmup", {}).get("steps", 0)) > 0:
-        need(tc.data.source == "synth", "llm_warmup.steps",
-             "needs the synthesized captions: set data.source = 'synth' (or llm_warmup.steps = 0)")
-        need(not tc.init_from, "llm_warmup.steps", "is for decoders trained from scratch; init_from is set")
-        need(jax.process_count() == 1, "llm_warmup.steps", "runs on one process (a CPU demo stage)")
-        n = int(tc.llm_warmup.seq_len)
-        need(n >= 8, "llm_warmup.seq_len", f"must be >= 8, got {n}")
     for k in ("remat_policy", "vision_remat_policy"):
-        need(tc.model[k] in ("none", "full", "dots", "dots_no_batch", "nothing"), f"model.{k}",
-             f"expected none | full | dots | dots_no_batch | nothing, got {tc.model[k]!r}")
+        need(tc.model[k] in REMAT_POLICIES, f"model.{k}", f"expected {' | '.join(REMAT_POLICIES)}, got {tc.model[k]!r}")
     for k in ("compute_dtype", "param_dtype"):
         need(tc.model[k] in ("float32", "bfloat16"), f"model.{k}", f"expected float32 | bfloat16, got {tc.model[k]!r}")
-    g = tc.model.get("image_token_grid", 0)
-    need(isinstance(g, int) and not isinstance(g, bool) and g >= 0, "model.image_token_grid",
-         f"must be an integer >= 0 (0: the tower's own grid), got {g!r}")
-    pw = tc.model.get("ce_turn_power", 0.0)
-    need(isinstance(pw, (int, float)) and not isinstance(pw, bool) and math.isfinite(pw) and pw >= 0,
-         "model.ce_turn_power", f"must be a finite number >= 0 (0: token mean), got {pw!r}")
+    g = tc.model.image_token_grid
+    need(g is None or isinstance(g, int) and not isinstance(g, bool) and g > 0, "model.image_token_grid",
+         f"must be an integer > 0 (None: the tower's own grid), got {g!r}")
     if "tiny" in tc.model:
-        std = tc.model.tiny.get("embed_init_std", 0.02)
+        std = tc.model.tiny.embed_init_std
         ok = isinstance(std, (int, float)) and not isinstance(std, bool) and math.isfinite(std) and std > 0
         need(ok, "model.tiny.embed_init_std", f"must be a finite number > 0, got {std!r}")
 
 
 def model_overrides(tc) -> dict:
-    m = tc.model
-    return dict(compute_dtype=m.compute_dtype, param_dtype=m.param_dtype, scan_layers=bool(m.scan_layers),
-                remat_policy=m.remat_policy, use_tune=bool(m.use_tune), use_card=bool(m.use_card),
-                use_dsm=bool(m.use_dsm), query_len=parse_query_len(m.query_len),
-                early_mask_mode=m.early_mask_mode, max_length=int(tc.data.max_length),
-                ce_turn_power=float(m.get("ce_turn_power", 0.0)))
+    """The one route from train config to model config: every config.model key that names a
+    FusionConfig field (preset, vision_tower and tiny pick the base config), and data.max_length."""
+    fields = {f.name for f in dataclasses.fields(FusionConfig)}
+    return {**{k: tc.model[k] for k in tc.model.keys() if k in fields}, "max_length": int(tc.data.max_length)}
 
 
 def init_source_kind(path: str) -> str:
@@ -129,7 +103,7 @@ def init_source_kind(path: str) -> str:
 
 
 def resolve_model_config(tc, vocab_size: int | None) -> FusionConfig:
-    over = model_overrides(tc)
+    """The base config (init_from's, the tiny sizes or a named preset) with model_overrides(tc) applied."""
     if tc.init_from:
         kind = init_source_kind(tc.init_from)
         if kind == "train":
@@ -140,15 +114,11 @@ def resolve_model_config(tc, vocab_size: int | None) -> FusionConfig:
         else:
             from fusion_jax import hf_io
             cfg = hf_io.read_config(tc.init_from)
-    elif tc.model.preset.startswith("tiny"):
+    elif tc.model.preset == "tiny":
         cfg = presets.tiny_model_config(tc, vocab_size=int(math.ceil((vocab_size or 256) / 8) * 8))
     else:
         cfg = presets.model_preset(tc.model.preset, tc.model.vision_tower)
-    if not tc.model.use_card:
-        over["use_card"] = False
-    if int(tc.model.get("image_token_grid", 0)) > 0:
-        over["image_token_grid"] = int(tc.model.image_token_grid)
-    return cfg.replace(**over)
+    return cfg.replace(**model_overrides(tc))
 
 
 # ----------------------------------------------------------------------------- setup
@@ -170,17 +140,15 @@ class Setup:
             raise ValueError(f"config.global_batch_size: {tc.global_batch_size} not divisible by "
                              f"{jax.process_count()} processes")
         self.cfg = model_cfg or resolve_model_config(tc, vocab_size)
-        vrp = tc.model.vision_remat_policy
-        self.abstract_model = step_lib.abstract_model(self.cfg, vision_remat_policy=vrp)
+        self.abstract_model = step_lib.abstract_model(self.cfg)
         self.graphdef, abs_state = nnx.split(self.abstract_model)
         self.abstract_params = abs_state.to_pure_dict()
-        self.param_sharding = self._param_shardings(abs_state)
+        self.param_sharding = logical_shardings(abs_state, self.mesh)
         o = tc.optim
         self.total_steps = int(tc.total_steps)
         self.tx, self.labels, self.schedules = optim.make_optimizer(
             self.abstract_params, lr=o.lr, vision_lr=o.vision_lr, total_steps=max(self.total_steps, 1),
-            warmup_ratio=o.warmup_ratio, schedule=o.schedule, end_ratio=o.get("end_lr_ratio", 0.0),
-            decay_ratio=o.get("decay_ratio", 1.0), weight_decay=o.weight_decay,
+            warmup_ratio=o.warmup_ratio, schedule=o.schedule, weight_decay=o.weight_decay,
             b1=o.b1, b2=o.b2, eps=o.eps, grad_clip=o.grad_clip or None, freeze=o.freeze)
         self.abstract_state = step_lib.abstract_train_state(self.abstract_params, self.tx)
         self.state_sharding = step_lib.train_state_shardings(self.abstract_state, self.param_sharding,
@@ -188,13 +156,6 @@ class Setup:
         self.train_step = step_lib.make_train_step(
             self.cfg, self.graphdef, self.tx, self.labels, self.mesh, self.state_sharding,
             schedules=self.schedules, opts=step_lib.StepOptions(grad_accum=int(tc.grad_accum)))
-
-    def _param_shardings(self, abs_state):
-        def one(v):
-            axes = v.get_metadata().get("logical_axes")
-            return NamedSharding(self.mesh, spec_for(axes, v.get_value().shape, self.mesh))
-        sh = jax.tree.map(one, abs_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-        return jax.tree.map(lambda x: x, sh.to_pure_dict() if hasattr(sh, "to_pure_dict") else dict(sh))
 
     def sharded_abstract_state(self):
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -204,13 +165,12 @@ class Setup:
         """Random init (seeded), or from config.init_from, directly onto the param shardings."""
         tc = self.tc
         if not tc.init_from:
-            cfg, vrp, seed = self.cfg, tc.model.vision_remat_policy, int(tc.seed)
-            fn = lambda: nnx.split(step_lib.build_model(cfg, seed, vision_remat_policy=vrp))[1].to_pure_dict()
-            return jax.jit(fn, out_shardings=self.param_sharding)()
-        kind = init_source_kind(tc.init_from)
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                self.abstract_params, self.param_sharding)
-        if kind == "train":
+            cfg, seed = self.cfg, int(tc.seed)
+            return jax.jit(lambda: nnx.split(step_lib.build_model(cfg, seed))[1].to_pure_dict(),
+                           out_shardings=self.param_sharding)()
+        if init_source_kind(tc.init_from) == "train":
+            abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                    self.abstract_params, self.param_sharding)
             return ckpt_lib.restore_params_tree(ckpt_lib.resolve_step_dir(tc.init_from), abstract)
         import fusion_jax
         flat = {".".join(optim.path_str(p).split("/")): s
@@ -227,7 +187,7 @@ class Setup:
                        out_shardings=self.state_sharding)(params)
 
 
-# ----------------------------------------------------------------------------- loop helpers
+# ----------------------------------------------------------------------------- pieces of train()
 
 class _Stopper:
     def __init__(self):
@@ -252,26 +212,95 @@ class _Stopper:
         for s, h in self._old.items():
             signal.signal(s, h)
 
-
-def _fmt_time(s: float) -> str:
-    if not math.isfinite(s):
-        return "?"
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+    def reason(self, tc, steps_run: int) -> str | None:
+        if self.signum is not None:
+            return "signal " + signal.Signals(self.signum).name
+        return "stop_after" if 0 < tc.stop_after <= steps_run else None
 
 
-def _truncate_metrics(path: str, last_step: int):
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        keep = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= last_step]
-    with open(path, "w") as f:
-        f.writelines(keep)
-
-
-def dataset_size(tc, tokenizer_dir=None) -> int:
+def dataset_size(tc) -> int:
     from fusion_jax.data.pipeline import open_source
     return len(open_source(tc.data.path, image_folder=tc.data.image_folder or None, seed=int(tc.seed)))
+
+
+def _tokenizer_dir(tc) -> str:
+    if tc.data.tokenizer:
+        return tc.data.tokenizer
+    if init_source_kind(tc.init_from) == "train":
+        return ckpt_lib.tokenizer_dir_of(ckpt_lib.resolve_step_dir(tc.init_from))
+    return os.path.join(tc.init_from, "tokenizer")
+
+
+def prepare_data(tc, workdir: str):
+    """Synthesize the tiny set when asked; load the tokenizer (copied into the workdir); -1 steps: one epoch."""
+    from fusion_jax.data.tokenizer import load_tokenizer
+    if tc.data.source == "synth":
+        if "synth" not in tc.data:
+            raise ValueError("config.data.synth: missing (data.source = 'synth' needs the tiny preset's settings)")
+        tc.data.path, tc.data.image_folder, tc.data.tokenizer = prepare_synth(
+            workdir, SynthConfig(**tc.data.synth), template=tc.data.template,
+            tokenizer_vocab_size=tc.data.tokenizer_vocab_size, log=log)
+    tok_dir = _tokenizer_dir(tc)
+    tokenizer = load_tokenizer(tok_dir)
+    wd_tok = os.path.join(workdir, ckpt_lib.TOKENIZER)
+    if jax.process_index() == 0 and os.path.abspath(tok_dir) != wd_tok:
+        shutil.copytree(tok_dir, wd_tok, dirs_exist_ok=True)
+    if tc.total_steps == -1:
+        n = dataset_size(tc)
+        tc.total_steps = max(1, n // tc.global_batch_size)
+        log(f"total_steps = one epoch = {n} samples // {tc.global_batch_size} = {tc.total_steps}")
+    return tokenizer
+
+
+def write_run_configs(tc, cfg: FusionConfig, workdir: str):
+    """WORKDIR/config.json (the train config) and fusion_config.json (the model that ran)."""
+    if jax.process_index() != 0:
+        return
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(tc.to_json_best_effort(indent=2, sort_keys=True))
+    with open(os.path.join(workdir, ckpt_lib.CONFIG), "w") as f:
+        f.write(cfg.to_json())
+
+
+def warm_start(s: Setup, params: dict) -> dict:
+    """The tiny demo's tower warm-up (config.vision_warmup) on freshly initialized params."""
+    from fusion_jax.train.tower_warmup import warm_start_tower
+    tc, vw = s.tc, s.tc.vision_warmup
+    tower = params["model"]["vision_tower"]
+    new, _ = warm_start_tower(s.cfg, tc.data.image_folder, jax.device_get(tower), steps=vw.steps, lr=vw.lr,
+                              batch_size=vw.batch_size, seed=int(tc.seed), text_images=vw.text_images,
+                              image_size=tc.data.synth.image_size, difficulty=tc.data.synth.difficulty, log=log)
+    params["model"]["vision_tower"] = jax.tree.map(
+        lambda a, b: jax.device_put(np.asarray(b, a.dtype), a.sharding), tower, new)
+    return params
+
+
+def init_or_resume(s: Setup, ck, it, workdir: str):
+    """(state, start step): the latest checkpoint of the workdir, else a fresh (warmed-up) init."""
+    latest = ck.latest_step()
+    if latest is not None:
+        state, data_state, _ = ck.restore(latest, s.sharded_abstract_state())
+        it.set_state(data_state)
+        log(f"resumed from {ck.directory}/{latest}")
+        if jax.process_index() == 0:
+            truncate_metrics(os.path.join(workdir, "metrics.jsonl"), latest)
+        return state, int(latest)
+    params = None
+    if "vision_warmup" in s.tc and s.tc.vision_warmup.steps > 0:
+        params = warm_start(s, s.init_params())
+    state = s.init_state(params)
+    log(f"initialized from {s.tc.init_from or f'scratch (seed {s.tc.seed})'}")
+    return state, 0
+
+
+def log_setup(s: Setup, seconds: float):
+    leaves, labels = jax.tree.leaves(s.abstract_params), jax.tree.leaves(s.labels)
+    n_params = sum(int(np.prod(x.shape)) for x in leaves)
+    n_frozen = sum(int(np.prod(x.shape)) for x, lab in zip(leaves, labels, strict=True) if lab == "frozen")
+    tc = s.tc
+    log(f"model: {n_params:,} params ({n_frozen:,} frozen); mesh {dict(s.mesh.shape)}; "
+        f"global batch {tc.global_batch_size} (grad_accum {tc.grad_accum}); {s.total_steps} steps; "
+        f"devices {jax.device_count()} x {jax.devices()[0].device_kind}; setup {seconds:.1f}s")
 
 
 # ----------------------------------------------------------------------------- train
@@ -281,186 +310,51 @@ def train(tc, workdir: str) -> dict:
     maybe_initialize_distributed()
     validate(tc)
     workdir = os.path.abspath(workdir)
-    is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     t_setup = time.time()
-
-    # data + tokenizer
-    from fusion_jax.data.tokenizer import load_tokenizer
-    if tc.data.source == "synth":
-        path, image_folder, tok_dir = __import__("fusion_jax.train.data", fromlist=["x"]).prepare_synth(
-            workdir, tc.data, log)
-        with tc.unlocked():
-            tc.data.path, tc.data.image_folder, tc.data.tokenizer = path, image_folder, tok_dir
-    tok_dir = tc.data.tokenizer or (ckpt_lib.tokenizer_dir_of(ckpt_lib.resolve_step_dir(tc.init_from))
-                                    if tc.init_from and init_source_kind(tc.init_from) == "train"
-                                    else os.path.join(tc.init_from, "tokenizer"))
-    tokenizer = load_tokenizer(tok_dir)
-    wd_tok = os.path.join(workdir, ckpt_lib.TOKENIZER)
-    if is_main and os.path.abspath(tok_dir) != wd_tok:
-        import shutil
-        shutil.copytree(tok_dir, wd_tok, dirs_exist_ok=True)
-    if tc.total_steps == -1:
-        n = dataset_size(tc)
-        with tc.unlocked():
-            tc.total_steps = max(1, n // tc.global_batch_size)
-        log(f"total_steps = one epoch = {n} samples // {tc.global_batch_size} = {tc.total_steps}")
-
+    tokenizer = prepare_data(tc, workdir)
     s = Setup(tc, workdir, vocab_size=tokenizer.vocab_size)
-    cfg = s.cfg
-    if cfg.llm.vocab_size < tokenizer.vocab_size:
+    if s.cfg.llm.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"config.data.tokenizer: {tokenizer.vocab_size} tokens but the model's vocab is "
-                         f"{cfg.llm.vocab_size}")
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(tc.to_json_best_effort(indent=2, sort_keys=True))
-        with open(os.path.join(workdir, ckpt_lib.CONFIG), "w") as f:
-            f.write(cfg.to_json())
-
-    ck = ckpt_lib.Checkpointer(workdir, keep=int(tc.keep_checkpoints), every=int(tc.checkpoint_every),
-                               async_save=bool(tc.async_checkpoint), model_config_json=cfg.to_json(),
-                               tokenizer_dir=wd_tok)
-    from fusion_jax.train.data import build_iterator, to_device_batch
-    per_process = tc.global_batch_size // jax.process_count()
-    it = build_iterator(tc.data, cfg, tokenizer, per_process_batch=per_process, seed=int(tc.seed))
-
-    latest = ck.latest_step()
-    if latest is not None:
-        state, data_state, meta = ck.restore(latest, s.sharded_abstract_state())
-        it.set_state(data_state)
-        start = int(latest)
-        log(f"resumed from {ck.directory}/{latest}")
-        if is_main:
-            _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
-    else:
-        params = None
-        if int(tc.get("vision_warmup", {}).get("steps", 0)) > 0:
-            from fusion_jax.train.tower_warmup import warm_start_tower
-            params = s.init_params()
-            vw = tc.vision_warmup
-            tower, _ = warm_start_tower(cfg, tc.data.image_folder, jax.device_get(params["model"]["vision_tower"]),
-                                     steps=int(vw.steps), lr=float(vw.lr), batch_size=int(vw.batch_size),
-                                     seed=int(tc.seed), text_images=int(vw.get("text_images", 0)),
-                                     image_size=int(tc.data.synth_image_size),
-                                     difficulty=str(tc.data.synth_difficulty),
-                                     region_bands=int(vw.get("region_bands", 0)),
-                                     region_weight=float(vw.get("region_weight", 1.0)),
-                                     side_tags=bool(vw.get("side_tags", False)),
-                                     dense_tags=bool(vw.get("dense_tags", False)), log=log)
-            params["model"]["vision_tower"] = jax.tree.map(
-                lambda a, b: jax.device_put(np.asarray(b, a.dtype), a.sharding), params["model"]["vision_tower"], tower)
-        if int(tc.get("llm_warmup", {}).get("steps", 0)) > 0:
-            from fusion_jax.train.llm_warmup import warm_start_llm
-            params = s.init_params() if params is None else params
-            lw = tc.llm_warmup
-            new, _ = warm_start_llm(cfg, jax.device_get(params), tc.data.image_folder, tokenizer,
-                                    steps=int(lw.steps), lr=float(lw.lr), batch_size=int(lw.batch_size),
-                                    seq_len=int(lw.seq_len), seed=int(tc.seed), log=log)
-            params = jax.tree.map(lambda a, b: jax.device_put(np.asarray(b, a.dtype), a.sharding), params, new)
-        state = s.init_state(params)
-        start = 0
-        log(f"initialized from {tc.init_from or 'scratch (seed %d)' % tc.seed}")
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(s.abstract_params))
-    n_frozen = sum(int(np.prod(x.shape)) for x, l in zip(jax.tree.leaves(s.abstract_params),
-                                                         jax.tree.leaves(s.labels)) if l == "frozen")
-    log(f"model: {n_params:,} params ({n_frozen:,} frozen); mesh {dict(s.mesh.shape)}; "
-        f"global batch {tc.global_batch_size} (grad_accum {tc.grad_accum}); {s.total_steps} steps; "
-        f"devices {jax.device_count()} x {jax.devices()[0].device_kind}; setup {time.time() - t_setup:.1f}s")
-
-    writer = None
-    if is_main and tc.tensorboard:
-        from tensorboardX import SummaryWriter
-        writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-    mf = open(os.path.join(workdir, "metrics.jsonl"), "a") if is_main else None
-    peak = flops_lib.peak_flops()
-    meta = {"model_config": cfg.to_dict(), "train_config": json.loads(tc.to_json_best_effort())}
-
-    def meta_now():
-        return meta
-
-    pending = None          # (step, metrics (device), batch info, t_dispatch)
-    t_last, tok_acc, steps_acc, flops_acc = time.time(), 0, 0, 0.0
-    t_run0, step0 = time.time(), start
-    last = None
-    stopped = None
-    step = start
-    summary = {"start_step": start}
-
-    def resolve(p):
-        nonlocal t_last, tok_acc, steps_acc, flops_acc, last
-        k, m, info = p
-        m = jax.device_get(m)
-        if not bool(m["finite"]):
-            raise TrainingError(
-                f"step {k}: loss is {float(m['loss'])} (grad norm {float(m['grad_norm'])}): stopping. "
-                f"The update of this step was not applied and no checkpoint was written after it; the "
-                f"last good checkpoint is {ck.directory}/{ck.latest_step()}. Lower optim.lr, check the "
-                f"data of this step, or use compute_dtype=float32.")
-        tok_acc += info["tokens"]
-        steps_acc += 1
-        flops_acc += info["flops"]
-        last = m
-        if k % tc.log_every == 0 or k == s.total_steps:
-            now = time.time()
-            dt = max(now - t_last, 1e-9)
-            rate = steps_acc / dt
-            rec = {"step": k, **{n: float(m[n]) for n in ("loss", "ce_loss", "dsm_loss", "instruct_cos_loss",
-                                                          "vision_cos_loss", "grad_norm", "lr", "vision_lr")},
-                   "num_targets": int(m["num_targets"]), "tokens_per_s": tok_acc / dt, "steps_per_s": rate,
-                   "tflops_per_s": flops_acc / dt / 1e12, "query_len": info["q"], "seq_len": info["S"],
-                   "time": now}
-            if peak:
-                rec["mfu"] = flops_acc / dt / (peak * jax.device_count())
-            eta = (s.total_steps - k) / max((k - step0) / max(now - t_run0, 1e-9), 1e-9)
-            rec["eta_s"] = eta
-            if is_main:
-                mf.write(json.dumps(rec) + "\n")
-                mf.flush()
-                if writer is not None:
-                    for n, v in rec.items():
-                        if n not in ("step", "time") and isinstance(v, (int, float)):
-                            writer.add_scalar(f"train/{n}", v, k)
-                mfu = f" | MFU {100 * rec['mfu']:.1f}%" if "mfu" in rec else ""
-                log(f"step {k}/{s.total_steps} | loss {rec['loss']:.4f} (ce {rec['ce_loss']:.4f}, "
-                    f"dsm {rec['dsm_loss']:.4f}) | lr {rec['lr']:.2e} | gnorm {rec['grad_norm']:.3f} | "
-                    f"{rec['tokens_per_s']:,.0f} tok/s | {rate:.2f} step/s{mfu} | ETA {_fmt_time(eta)}")
-            t_last, tok_acc, steps_acc, flops_acc = now, 0, 0, 0.0
-
+                         f"{s.cfg.llm.vocab_size}")
+    write_run_configs(tc, s.cfg, workdir)
+    ck = ckpt_lib.Checkpointer(workdir, keep=tc.keep_checkpoints, every=tc.checkpoint_every,
+                               async_save=tc.async_checkpoint, model_config_json=s.cfg.to_json(),
+                               tokenizer_dir=os.path.join(workdir, ckpt_lib.TOKENIZER))
+    it = build_iterator(tc.data, s.cfg, tokenizer, per_process_batch=tc.global_batch_size // jax.process_count(),
+                        seed=int(tc.seed))
+    state, start = init_or_resume(s, ck, it, workdir)
+    log_setup(s, time.time() - t_setup)
+    metrics = MetricsLogger(workdir, total_steps=s.total_steps, start=start, log_every=tc.log_every,
+                            tensorboard=tc.tensorboard, last_good=lambda: f"{ck.directory}/{ck.latest_step()}")
+    meta = {"model_config": s.cfg.to_dict(), "train_config": json.loads(tc.to_json_best_effort())}
+    step, stopped = start, None
     try:
         with _Stopper() as stop:
-            while step < s.total_steps:
+            while step < s.total_steps and stopped is None:
                 raw = next(it)
-                batch = to_device_batch(raw, s.mesh)
-                info = {"tokens": int(np.asarray(raw["attention_mask"]).sum()) * jax.process_count(),
-                        "q": int(raw["query_len"]), "S": int(np.asarray(raw["token_ids"]).shape[1]),
-                        "flops": flops_lib.train_flops_per_step(cfg, {k: v.shape for k, v in batch.items()})}
-                state, metrics = s.train_step(state, batch)
+                batch = shard_batch({k: raw[k] for k in step_lib.BATCH_KEYS}, s.mesh)
+                state, m = s.train_step(state, batch)
                 step += 1
-                if pending is not None:
-                    resolve(pending)
-                pending = (step, metrics, info)
-                halt = stop.signum is not None or (tc.stop_after > 0 and step - start >= tc.stop_after)
-                if step % tc.checkpoint_every == 0 or halt or step == s.total_steps:
-                    resolve(pending)
-                    pending = None
-                    ck.save(step, state, it.get_state(), meta_now(), force=True)
-                if halt:
-                    stopped = ("signal " + signal.Signals(stop.signum).name) if stop.signum else "stop_after"
-                    break
-            if pending is not None:
-                resolve(pending)
+                metrics.push(step, m, batch_info(s.cfg, raw, batch))
+                stopped = stop.reason(tc, step - start)
+                if step % tc.checkpoint_every == 0 or stopped or step == s.total_steps:
+                    metrics.flush()
+                    ck.save(step, state, it.get_state(), meta, force=True)
+            metrics.flush()
     finally:
         ck.close()
         it.close()
-        if mf:
-            mf.close()
-        if writer is not None:
-            writer.close()
-    summary.update(step=step, stopped=stopped, wall_s=time.time() - t_run0,
-                   last={k: float(v) for k, v in (last or {}).items()})
+        metrics.close()
+    summary = {"start_step": start, "step": step, "stopped": stopped, "wall_s": time.time() - metrics.t_run0,
+               "last": {k: float(v) for k, v in (metrics.last or {}).items()}}
     if stopped:
         log(f"stopped at step {step} ({stopped}); checkpoint saved. Rerun the same command to resume.")
-    else:
-        log(f"done: {step} steps in {_fmt_time(time.time() - t_run0)}; final checkpoint "
-            f"{ck.directory}/{step}")
+        return summary
+    log(f"done: {step} steps in {fmt_time(summary['wall_s'])}; final checkpoint {ck.directory}/{step}")
+    if "heldout_eval" in tc and jax.process_count() == 1:
+        from fusion_jax.train.heldout import evaluate_heldout
+        summary["heldout"] = evaluate_heldout(
+            s.graphdef, jax.device_get(state["params"]), tokenizer, tc.data.image_folder, workdir,
+            batch_size=tc.heldout_eval.batch_size, max_new_tokens=tc.heldout_eval.max_new_tokens, log=log)
     return summary

@@ -22,10 +22,6 @@ def path_str(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
-def param_paths(params) -> list[str]:
-    return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-
-
 def _compile(patterns: Sequence[str] | str | None, key: str):
     if not patterns:
         return []
@@ -68,20 +64,12 @@ def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
     return int(math.ceil(total_steps * warmup_ratio))
 
 
-def make_schedule(peak: float, total_steps: int, warmup_ratio: float = 0.03, schedule: str = "cosine",
-                  end_ratio: float = 0.0, decay_ratio: float = 1.0):
-    """``end_ratio`` / ``decay_ratio`` (cosine only): decay to ``end_ratio * peak`` by step
-    ``decay_ratio * total_steps`` and hold it there (the defaults are HF's schedule)."""
-    if schedule != "cosine" and (end_ratio != 0 or decay_ratio != 1):
-        raise ValueError(f"config.optim.end_lr_ratio and optim.decay_ratio shape the cosine schedule only, "
-                         f"not schedule={schedule!r}")
+def make_schedule(peak: float, total_steps: int, warmup_ratio: float = 0.03, schedule: str = "cosine"):
     w = warmup_steps(total_steps, warmup_ratio)
     if schedule == "cosine":
         if total_steps <= w:
             return optax.linear_schedule(0.0, peak, max(w, 1))
-        decay = min(total_steps, max(w + 1, int(round(decay_ratio * total_steps))))
-        # optax holds end_value after decay_steps
-        return optax.warmup_cosine_decay_schedule(0.0, peak, w, decay, end_value=end_ratio * peak)
+        return optax.warmup_cosine_decay_schedule(0.0, peak, w, total_steps)
     if schedule == "linear":
         return optax.join_schedules([optax.linear_schedule(0.0, peak, max(w, 1)),
                                      optax.linear_schedule(peak, 0.0, max(total_steps - w, 1))], [w])
@@ -92,8 +80,7 @@ def make_schedule(peak: float, total_steps: int, warmup_ratio: float = 0.03, sch
 
 
 def make_optimizer(params, *, lr: float, total_steps: int, vision_lr: float | None = None,
-                   warmup_ratio: float = 0.03, schedule: str = "cosine", end_ratio: float = 0.0,
-                   decay_ratio: float = 1.0, weight_decay: float = 0.0,
+                   warmup_ratio: float = 0.03, schedule: str = "cosine", weight_decay: float = 0.0,
                    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, grad_clip: float | None = 1.0,
                    freeze=(), vision_pattern: str = VISION_PATTERN):
     """(tx, labels, schedules): an optax GradientTransformation over `params` (a pure dict).
@@ -102,9 +89,8 @@ def make_optimizer(params, *, lr: float, total_steps: int, vision_lr: float | No
     step also stops their gradients, so they do not enter the clipping norm.
     """
     labels = param_labels(params, freeze=freeze, vision_pattern=vision_pattern)
-    sched = make_schedule(lr, total_steps, warmup_ratio, schedule, end_ratio, decay_ratio)
-    vsched = make_schedule(lr if vision_lr is None else vision_lr, total_steps, warmup_ratio, schedule,
-                           end_ratio, decay_ratio)
+    sched = make_schedule(lr, total_steps, warmup_ratio, schedule)
+    vsched = make_schedule(lr if vision_lr is None else vision_lr, total_steps, warmup_ratio, schedule)
 
     def adamw(s):
         return optax.adamw(s, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)

@@ -8,6 +8,8 @@ gradient checkpointing, one epoch, full fine-tuning with the vision tower unfroz
 """
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections as mlc
 
 from fusion_jax.config import KNOWN_TOWERS, FusionConfig, LLMConfig, tiny_config
@@ -23,8 +25,6 @@ LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "h
 
 
 def model_preset(name: str, tower: str = "siglip-so400m-patch14-384") -> FusionConfig:
-    if name.startswith("tiny"):
-        return tiny_config("phi3")
     if tower not in KNOWN_TOWERS:
         raise ValueError(f"config.model.vision_tower={tower!r}: expected one of {sorted(KNOWN_TOWERS)}")
     vision = KNOWN_TOWERS[tower]
@@ -59,23 +59,10 @@ def base_config() -> mlc.ConfigDict:
     c.grad_accum = 1
     c.tensorboard = True
     c.stop_after = -1             # stop (with a checkpoint) after this many steps of this run; testing
-    # tower warm start on the synthesized descriptions (fusion_jax/train/tower_warmup.py); 0: off.
-    # text_images: a rendered text corpus read alongside (batch_size more images per step)
-    # region_bands: > 0 also trains the patch mean to say which of that many column / row bands each
-    # shape and colour sits in (position bound to identity in the features the LLM pools)
-    # region_weight: that loss's weight (1: as heavy as one object's shape + colour tags)
-    # side_tags: each object's centre patch also names its half of the image (left / right, top /
-    # bottom), background patches "no object": side bound to the object, as its colour is
-    # dense_tags: every patch inside an object's disc carries its tags, not just the centre patch
-    c.vision_warmup = mlc.ConfigDict(dict(steps=0, lr=2e-3, batch_size=16, text_images=0, region_bands=0,
-                                          region_weight=1.0, side_tags=False, dense_tags=False))
-    # decoder warm start: a language model on the synthesized captions, text only, before the main run
-    # (fusion_jax/train/llm_warmup.py); steps 0: off. seq_len: captions are cut to that many tokens
-    c.llm_warmup = mlc.ConfigDict(dict(steps=0, lr=2e-3, batch_size=16, seq_len=128))
     c.optim = mlc.ConfigDict(dict(
         lr=2e-5, vision_lr=mlc.FieldReference(None, field_type=float), warmup_ratio=0.03,
-        schedule="cosine", end_lr_ratio=0.0, decay_ratio=1.0, weight_decay=0.0, grad_clip=1.0, b1=0.9,
-        b2=0.999, eps=1e-8, freeze=""))
+        schedule="cosine", weight_decay=0.0, grad_clip=1.0, b1=0.9, b2=0.999, eps=1e-8, freeze=""))
+    # preset / vision_tower / tiny pick and size the model; every other key is a FusionConfig field
     c.model = mlc.ConfigDict(dict(
         preset="phi35_3b", vision_tower="siglip-so400m-patch14-384",
         compute_dtype="bfloat16", param_dtype="float32", scan_layers=True,
@@ -83,19 +70,13 @@ def base_config() -> mlc.ConfigDict:
         vision_remat_policy="full",               # vision tower layers
         use_tune=True, use_card=True, use_dsm=True, query_len="4,16,36,64,144",
         early_mask_mode="reference",
-        ce_turn_power=0.0,                        # > 0: short answers weigh more (loss.target_weights)
-        image_token_grid=0))                      # > 0: resize the image tokens to that grid (FUSION-L: 12)
+        image_token_grid=mlc.FieldReference(None, field_type=int),  # FUSION-L: 12; None: the tower's grid
+        linear_2d=False, ce_skip_empty_chunks=False, attention_impl="auto"))  # CPU choices: tiny sets them
     c.data = mlc.ConfigDict(dict(
-        source="path",            # "path" (JSON/YAML mixture or prepared dir) | "synth"
+        source="path",            # "path" (JSON/YAML mixture or prepared dir) | "synth" (tiny only)
         path="", image_folder="", tokenizer="", template="phi_3",
         max_length=2048, max_questions=16, max_instruct_len=512,
-        seq_buckets=(1024, 2048), instruct_buckets=(), order="length_grouped", worker_count=4,
-        synth_num=0, synth_seed=0, synth_image_size=384, synth_workers=1, synth_heldout_fraction=0.1,
-        synth_difficulty="full", synth_kinds=(), synth_max_turns=0, synth_describe_fraction=0.0,
-        synth_spatial_refs="shape", synth_locate_fraction=0.0,
-        synth_describe_positions=False, synth_spatial_order="subject_first", tokenizer_vocab_size=512,
-        synth_mc_fraction=-1.0, synth_spatial_yesno_fraction=0.3,  # mc < 0: the difficulty's default
-        synth_progress=False))
+        seq_buckets=(1024, 2048), instruct_buckets=(), order="length_grouped", worker_count=4))
     return c
 
 
@@ -139,21 +120,24 @@ def tiny_train_config(**model_overrides) -> mlc.ConfigDict:
     c.global_batch_size = 16
     c.optim.lr = 2e-3
     c.optim.vision_lr = 2e-4              # one tenth, as FUSION's stage 2; 2e-3 erases the warm start
-    c.vision_warmup.steps = 600           # the stand-in for SigLIP pretraining (tower_warmup.py)
-    c.vision_warmup.text_images = 6000    # 900 text images alone do not teach it to read
     c.optim.warmup_ratio = 0.03
+    # the stand-in for SigLIP pretraining (tower_warmup.py); 900 text images alone do not teach it to read
+    c.vision_warmup = mlc.ConfigDict(dict(steps=600, lr=2e-3, batch_size=16, text_images=6000))
     c.model.preset = "tiny"
     c.model.compute_dtype = "float32"
     c.model.remat_policy = "none"
     c.model.vision_remat_policy = "none"
     c.model.scan_layers = False           # XLA:CPU runs the scan's backward ~2x slower than unrolled
     c.model.query_len = "4"
+    c.model.linear_2d = True              # one 2-D matmul per nn.Linear: faster on XLA:CPU
+    c.model.ce_skip_empty_chunks = True   # skip CE chunks without targets (unsharded only)
+    c.model.attention_impl = "loop"       # the batched form below 256 queries
     c.model.update(model_overrides)
     c.model.tiny = mlc.ConfigDict(dict(
         hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
         vision_hidden_size=64, vision_intermediate_size=128, vision_layers=5, vision_heads=4,
         image_size=32, patch_size=4, num_sampler_layers=2, sampler_stride=2, sampler_heads=4,
-        tie_word_embeddings=False, embed_init_std=1.0, vision_posemb_init="normal"))
+        embed_init_std=1.0))
     c.data.source = "synth"
     c.data.template = "phi_3"
     c.data.max_length = 192
@@ -163,31 +147,28 @@ def tiny_train_config(**model_overrides) -> mlc.ConfigDict:
     c.data.max_questions = 2
     c.data.order = "shuffle"
     c.data.worker_count = 0
-    c.data.synth_num = 6000
-    c.data.synth_image_size = 64
-    c.data.synth_workers = 2
-    c.data.synth_difficulty = "easy"
-    c.data.synth_describe_fraction = 0.5  # half the conversations end by listing every object
+    # fusion_jax.synth.SynthConfig; half the conversations end by listing every object
+    c.data.synth = mlc.ConfigDict(dict(num=6000, seed=0, image_size=64, workers=2, heldout_fraction=0.1,
+                                       difficulty="easy", describe_fraction=0.5))
     c.data.tokenizer_vocab_size = 512     # saturates (~475): every word and answer one token
+    # after training, answer the held-out split (WORKDIR/data/eval) and print accuracy per kind
+    c.heldout_eval = mlc.ConfigDict(dict(batch_size=32, max_new_tokens=32))
     return c
 
 
 def tiny_model_config(tc, vocab_size: int) -> FusionConfig:
-    """The tiny FusionConfig from config.model.tiny and the tokenizer's vocab size."""
-    import dataclasses
+    """The tiny FusionConfig: sizes from config.model.tiny, vocab from the tokenizer."""
     t = tc.model.tiny
     base = tiny_config("phi3")
     llm = dataclasses.replace(base.llm, vocab_size=int(vocab_size), hidden_size=t.hidden_size,
                               intermediate_size=t.intermediate_size, num_hidden_layers=t.num_hidden_layers,
                               num_attention_heads=t.num_attention_heads,
                               num_key_value_heads=t.num_attention_heads, rope_scaling=None,
-                              max_position_embeddings=4096, original_max_position_embeddings=None,
-                              tie_word_embeddings=bool(t.get("tie_word_embeddings", False)))
+                              max_position_embeddings=4096, original_max_position_embeddings=None)
     vision = dataclasses.replace(base.vision, hidden_size=t.vision_hidden_size,
                                  intermediate_size=t.vision_intermediate_size,
                                  num_hidden_layers=t.vision_layers, num_attention_heads=t.vision_heads,
                                  image_size=t.image_size, patch_size=t.patch_size)
     return base.replace(llm=llm, vision=vision, num_sampler_layers=t.num_sampler_layers,
                         sampler_stride=t.sampler_stride, sampler_heads=t.sampler_heads,
-                        embed_init_std=float(t.get("embed_init_std", 0.02)),
-                        vision_posemb_init=str(t.get("vision_posemb_init", "normal")))
+                        embed_init_std=t.embed_init_std)
