@@ -14,12 +14,12 @@ import numpy as np
 from flax import nnx
 
 from fusion_jax.config import FusionConfig
-from fusion_jax.sharding import make_mesh
+from fusion_jax.sharding import logical_shardings, make_mesh, shard_batch
+from fusion_jax.synth import SynthConfig
 from fusion_jax.train import checkpoint as ckpt_lib
 from fusion_jax.train import optim, presets
 from fusion_jax.train import step as step_lib
-from fusion_jax.train._merge_shim import SynthConfig, logical_shardings, prepare_synth, shard_batch  # TEMP
-from fusion_jax.train.data import build_iterator
+from fusion_jax.train.data import build_iterator, prepare_synth
 from fusion_jax.train.metrics import MetricsLogger, TrainingError, batch_info, fmt_time, log, truncate_metrics
 
 __all__ = ["Setup", "TrainingError", "resolve_model_config", "train", "validate"]
