@@ -47,7 +47,7 @@ def _take(it, n):
 
 def test_batches_fixed_shapes_and_deterministic(data):
     a, b = _take(iter(_ds(data)), 6), _take(iter(_ds(data)), 6)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert x["ids"] == y["ids"] and x["query_len"] == y["query_len"]
         np.testing.assert_array_equal(x["token_ids"], y["token_ids"])
     qs = {x["query_len"] for x in a}
@@ -86,7 +86,7 @@ def test_state_restore_is_exact(data, tmp_path):
     it2 = iter(_ds(data))
     handler.restore(epath.Path(tmp_path), item=it2)
     got = _take(it2, 4)
-    for x, y in zip(expect, got):
+    for x, y in zip(expect, got, strict=True):
         assert x["ids"] == y["ids"] and x["query_len"] == y["query_len"]
         np.testing.assert_array_equal(x["labels"], y["labels"])
     assert it2.stats()["steps"] == it.stats()["steps"]

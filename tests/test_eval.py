@@ -46,10 +46,10 @@ def test_summary_per_category():
 @pytest.fixture(scope="module")
 def split_and_ckpt(tmp_path_factory):
     from fusion_jax.eval.fixtures import write_tiny_checkpoint
-    from fusion_jax.synth import generate_dataset
+    from fusion_jax.synth import SynthConfig, generate_dataset
     root = tmp_path_factory.mktemp("eval")
     data = str(root / "synth")
-    generate_dataset(data, num=8, seed=0, image_size=48, heldout_fraction=0.5)
+    generate_dataset(data, SynthConfig(num=8, seed=0, image_size=48, heldout_fraction=0.5))
     ckpt, _, _ = write_tiny_checkpoint(str(root / "ckpt"))
     return data, ckpt, root
 

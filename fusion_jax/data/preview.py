@@ -18,7 +18,7 @@ def render_tokens(tok, ids: np.ndarray, labels: np.ndarray) -> str:
             text = tok.decode(cur)
             out.append(f"[[{text}]]" if sup else text)
             cur.clear()
-    for t, lab in zip(ids.tolist(), labels.tolist()):
+    for t, lab in zip(ids.tolist(), labels.tolist(), strict=True):
         if t in (IMAGE_TOKEN_INDEX, LATENT_IMAGE_TOKEN_INDEX):
             flush()
             out.append("<image>" if t == IMAGE_TOKEN_INDEX else "<latent_image>")
