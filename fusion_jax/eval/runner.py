@@ -57,7 +57,7 @@ def run_eval(model, tokenizer, questions, *, image_folder: str | None, gcfg=None
             texts = answer(model, tokenizer, reqs, gcfg)
         except ImageError as e:
             raise SystemExit(f"error: {e}") from None
-        for line, text in zip(chunk, texts, strict=True):
+        for line, text in zip(chunk, texts[:len(chunk)], strict=True):  # padded rows dropped
             out.append({"question_id": line["question_id"], "prompt": line["text"], "text": text,
                         "answer_id": answer_id(model_id, line["question_id"]), "model_id": model_id,
                         "metadata": {}})

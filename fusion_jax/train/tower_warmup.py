@@ -100,7 +100,7 @@ class _Tagger(nnx.Module):
     def __init__(self, cfg: FusionConfig, n_out: int, rngs: nnx.Rngs):
         v = cfg.vision
         self.tower = SiglipVisionTower(v, rngs=rngs, early_mask_mode=cfg.early_mask_mode, remat_policy="none",
-                                       scan=cfg.scan_layers, attn_impl=cfg.attention_impl,
+                                       scan=cfg.scan_layers, attn_impl=cfg.attention_impl, linear_2d=cfg.linear_2d,
                                        param_dtype=cfg.param_dtype, dtype=cfg.compute_dtype)
         self.head = nnx.Linear(3 * v.hidden_size, n_out, rngs=rngs)
 
