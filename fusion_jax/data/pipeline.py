@@ -19,7 +19,6 @@ import dataclasses
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 import grain
 import numpy as np
@@ -314,33 +313,18 @@ def build_dataset(source, processor: SampleProcessor, cfg: PipelineConfig, *,
     return _CollateIterDataset(it, collator)
 
 
-def to_global_arrays(batch: dict, mesh, batch_axes: Any = ("data",)) -> dict:
-    """Host-local batch -> global jax.Arrays sharded over `batch_axes` of `mesh` (others stay host)."""
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, np.ndarray) and v.ndim >= 1:
-            spec = PartitionSpec(batch_axes, *([None] * (v.ndim - 1)))
-            out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), v)
-        else:
-            out[k] = v
-    return out
-
-
 class DataIterator:
-    """Batches as global jax.Arrays (with a mesh) or numpy; get_state/set_state for Orbax."""
+    """Host-local numpy batches (`fusion_jax.sharding.shard_batch` puts them on a mesh);
+    get_state/set_state for Orbax."""
 
-    def __init__(self, dataset: grain.IterDataset, mesh=None, batch_axes: Any = ("data",)):
+    def __init__(self, dataset: grain.IterDataset):
         self._it = iter(dataset)
-        self.mesh, self.batch_axes = mesh, batch_axes
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
-        batch = next(self._it)
-        return batch if self.mesh is None else to_global_arrays(batch, self.mesh, self.batch_axes)
+        return next(self._it)
 
     @property
     def grain_iterator(self) -> grain.DatasetIterator:

@@ -15,7 +15,6 @@ import jax
 import optax
 
 VISION_PATTERN = r"^model/vision_tower/"
-LABELS = ("default", "vision", "frozen")
 
 
 def path_str(path) -> str:
