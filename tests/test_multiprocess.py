@@ -50,8 +50,8 @@ def _tiny_tc(data_path: str, image_folder: str, tokenizer: str):
         tc.model.attention_impl = "auto"
         tc.model.tiny.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                   num_attention_heads=2, vision_hidden_size=16, vision_intermediate_size=32,
-                                  vision_layers=3, vision_heads=2, image_size=16, patch_size=4,
-                                  num_sampler_layers=1, sampler_stride=2, sampler_heads=2))
+                                  vision_layers=3, vision_heads=2, image_size=16, patch_size=4))
+        tc.model.update(dict(num_sampler_layers=1, sampler_stride=2, sampler_heads=2))
     return tc
 
 

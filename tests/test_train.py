@@ -139,13 +139,15 @@ def test_config_errors_name_the_key():
         loop.validate(_tc(log_every=0))
     with pytest.raises(ValueError, match=r"config\.model\.remat_policy"):
         loop.validate(_tc(**{"model.remat_policy": "sometimes"}))
-    with pytest.raises(ValueError, match=r"config\.model\.tiny\.embed_init_std"):
-        loop.validate(_tc(**{"model.tiny.embed_init_std": 0.0}))
-    with pytest.raises(ValueError, match=r"config\.model\.tiny\.embed_init_std"):
-        loop.validate(_tc(**{"model.tiny.embed_init_std": None}))
+    with pytest.raises(ValueError, match=r"config\.model\.embed_init_std"):
+        loop.validate(_tc(**{"model.embed_init_std": 0.0}))
+    with pytest.raises(ValueError, match=r"config\.model\.embed_init_std"):
+        loop.validate(_tc(**{"model.embed_init_std": None}))
     for bad in (-1, 0):
         with pytest.raises(ValueError, match=r"config\.model\.image_token_grid"):
             loop.validate(_tc(**{"model.image_token_grid": bad}))
+    with pytest.raises(ValueError, match=r"config\.model\.linear_2d"):
+        loop.Setup(_tc(), None, mesh=make_mesh((2, 1, 1), jax.devices()[:2]), model_cfg=_cfg().replace(linear_2d=True))
     with pytest.raises(ValueError, match=r"config\.global_batch_size"):
         loop.Setup(_tc(global_batch_size=6, grad_accum=4), None, mesh=make_mesh((1, 1, 1), jax.devices()[:1]),
                    model_cfg=_cfg())
@@ -167,9 +169,10 @@ def test_exact_resume_and_load_params(tmp_path):
           "data.synth.num": 80, "data.synth.workers": 1, "data.synth.image_size": 32,
           "model.tiny.hidden_size": 64, "model.tiny.intermediate_size": 128, "model.tiny.num_hidden_layers": 2,
           "model.tiny.vision_hidden_size": 32, "model.tiny.vision_intermediate_size": 64,
-          "model.tiny.vision_layers": 3, "model.tiny.num_sampler_layers": 1, "model.tiny.image_size": 16,
+          "model.tiny.vision_layers": 3, "model.num_sampler_layers": 1, "model.tiny.image_size": 16,
           "data.max_length": 128, "data.seq_buckets": (128,), "data.max_questions": 2,
-          "vision_warmup.steps": 3, "vision_warmup.text_images": 16}   # the resumed run must not warm up again
+          "vision_warmup.steps": 3, "vision_warmup.text_images": 16,   # the resumed run must not warm up again
+          "model.linear_2d": False, "model.ce_skip_empty_chunks": False}   # 8 devices: the mesh forms
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     r = loop.train(_tc(**kw), full)   # with the tiny preset's held-out evaluation at the end
     assert r["heldout"]["overall"]["n"] == 8 and "chance" in r["heldout"]["per_category"]["color"]
@@ -231,7 +234,7 @@ def test_embed_init_std_reaches_the_model():
     from fusion_jax.model import FusionForCausalLM
     assert FusionConfig().embed_init_std == 0.02
     tc = presets.tiny_train_config()
-    assert presets.tiny_model_config(tc, 384).embed_init_std == 1.0
+    assert loop.resolve_model_config(tc, 384).embed_init_std == 1.0
     for std in (0.02, 1.0):
         w = FusionForCausalLM(_cfg().replace(embed_init_std=std)).model.embed_tokens.weight[...]
         assert abs(float(jnp.std(w)) / std - 1) < 0.05

@@ -76,10 +76,10 @@ def validate(tc):
     g = tc.model.image_token_grid
     need(g is None or isinstance(g, int) and not isinstance(g, bool) and g > 0, "model.image_token_grid",
          f"must be an integer > 0 (None: the tower's own grid), got {g!r}")
-    if "tiny" in tc.model:
-        std = tc.model.tiny.embed_init_std
+    if "embed_init_std" in tc.model:
+        std = tc.model.embed_init_std
         ok = isinstance(std, (int, float)) and not isinstance(std, bool) and math.isfinite(std) and std > 0
-        need(ok, "model.tiny.embed_init_std", f"must be a finite number > 0, got {std!r}")
+        need(ok, "model.embed_init_std", f"must be a finite number > 0, got {std!r}")
 
 
 def model_overrides(tc) -> dict:

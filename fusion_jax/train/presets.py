@@ -132,12 +132,16 @@ def tiny_train_config(**model_overrides) -> mlc.ConfigDict:
     c.model.linear_2d = True              # one 2-D matmul per nn.Linear: faster on XLA:CPU
     c.model.ce_skip_empty_chunks = True   # skip CE chunks without targets (unsharded only)
     c.model.attention_impl = "loop"       # the batched form below 256 queries
+    c.model.num_sampler_layers = 2        # CARD: an interaction layer after decoder layers 0 and 2
+    c.model.sampler_stride = 2
+    c.model.sampler_heads = 4
+    c.model.embed_init_std = 1.0          # words on the scale of the image features (docs/ablations.md)
     c.model.update(model_overrides)
+    # the LLM's and the tower's sizes (every other model setting is a FusionConfig field above)
     c.model.tiny = mlc.ConfigDict(dict(
         hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
         vision_hidden_size=64, vision_intermediate_size=128, vision_layers=5, vision_heads=4,
-        image_size=32, patch_size=4, num_sampler_layers=2, sampler_stride=2, sampler_heads=4,
-        embed_init_std=1.0))
+        image_size=32, patch_size=4))
     c.data.source = "synth"
     c.data.template = "phi_3"
     c.data.max_length = 192
@@ -157,7 +161,7 @@ def tiny_train_config(**model_overrides) -> mlc.ConfigDict:
 
 
 def tiny_model_config(tc, vocab_size: int) -> FusionConfig:
-    """The tiny FusionConfig: sizes from config.model.tiny, vocab from the tokenizer."""
+    """The tiny FusionConfig's LLM and tower: sizes from config.model.tiny, vocab from the tokenizer."""
     t = tc.model.tiny
     base = tiny_config("phi3")
     llm = dataclasses.replace(base.llm, vocab_size=int(vocab_size), hidden_size=t.hidden_size,
@@ -169,6 +173,4 @@ def tiny_model_config(tc, vocab_size: int) -> FusionConfig:
                                  intermediate_size=t.vision_intermediate_size,
                                  num_hidden_layers=t.vision_layers, num_attention_heads=t.vision_heads,
                                  image_size=t.image_size, patch_size=t.patch_size)
-    return base.replace(llm=llm, vision=vision, num_sampler_layers=t.num_sampler_layers,
-                        sampler_stride=t.sampler_stride, sampler_heads=t.sampler_heads,
-                        embed_init_std=t.embed_init_std)
+    return base.replace(llm=llm, vision=vision)

@@ -211,10 +211,10 @@ def train_step_fn(cfg: FusionConfig, graphdef, tx, labels, schedules: dict | Non
 def make_train_step(cfg: FusionConfig, graphdef, tx, labels, mesh, state_sharding, *,
                     schedules: dict | None = None, opts: StepOptions = StepOptions()):
     """`jax.jit(train_step)` with explicit in/out shardings and donation of the state."""
-    cpu_only = [k for k in ("linear_2d", "ce_skip_empty_chunks") if getattr(cfg, k)]
+    cpu_only = [f"config.model.{k}" for k in ("linear_2d", "ce_skip_empty_chunks") if getattr(cfg, k)]
     if cpu_only and mesh.size > 1:  # they change the program per device: XLA:CPU's collectives deadlock
-        raise ValueError(f"{' and '.join(cpu_only)}: single-device choices, turn them off on a mesh of "
-                         f"{mesh.size} devices")
+        raise ValueError(f"{' and '.join(cpu_only)}: single-device CPU choices (the tiny preset's); set them "
+                         f"False to train on a mesh of {mesh.size} devices")
     fn = train_step_fn(cfg, graphdef, tx, labels, schedules, opts, mesh)
     rep = NamedSharding(mesh, PartitionSpec())
     return jax.jit(fn, in_shardings=(state_sharding, batch_shardings(mesh)),
