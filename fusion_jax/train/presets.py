@@ -51,7 +51,8 @@ def base_config() -> mlc.ConfigDict:
     c.total_steps = -1            # -1: one epoch of the data (global batches)
     c.log_every = 10
     c.checkpoint_every = 1000
-    c.keep_checkpoints = 1
+    c.keep_checkpoints = 2          # >= 1; 2 leaves a fallback when the latest cannot be restored
+    c.allow_config_change = False   # resume into a workdir whose saved config differs (logged)
     c.async_checkpoint = True
     c.init_from = ""              # converted Orbax folder, HF folder, or a train workdir / step dir
     c.mesh = (-1, 1, 1)           # (data, fsdp, tensor); -1 fills
@@ -61,7 +62,8 @@ def base_config() -> mlc.ConfigDict:
     c.stop_after = -1             # stop (with a checkpoint) after this many steps of this run; testing
     c.optim = mlc.ConfigDict(dict(
         lr=2e-5, vision_lr=mlc.FieldReference(None, field_type=float), warmup_ratio=0.03,
-        schedule="cosine", weight_decay=0.0, grad_clip=1.0, b1=0.9, b2=0.999, eps=1e-8, freeze=""))
+        schedule="cosine", weight_decay=0.0, grad_clip=1.0, b1=0.9, b2=0.999, eps=1e-8, freeze="",
+        max_nonfinite_steps=0))   # > 0: skip up to that many consecutive NaN/Inf steps (0: stop at the first)
     # preset / vision_tower / tiny pick and size the model; every other key is a FusionConfig field
     c.model = mlc.ConfigDict(dict(
         preset="phi35_3b", vision_tower="siglip-so400m-patch14-384",
@@ -76,7 +78,8 @@ def base_config() -> mlc.ConfigDict:
         source="path",            # "path" (JSON/YAML mixture or prepared dir) | "synth" (tiny only)
         path="", image_folder="", tokenizer="", template="phi_3",
         max_length=2048, max_questions=16, max_instruct_len=512,
-        seq_buckets=(1024, 2048), instruct_buckets=(), order="length_grouped", worker_count=4))
+        seq_buckets=(1024, 2048), instruct_buckets=(), order="length_grouped", worker_count=4,
+        max_skip_fraction=0.5))   # stop when more records than this share were skipped (bad image_folder)
     return c
 
 
@@ -116,7 +119,6 @@ def tiny_train_config(**model_overrides) -> mlc.ConfigDict:
     c.total_steps = 1100                # 11-15 min on 2 cores incl. synthesis (docs/ablations.md)
     c.log_every = 25
     c.checkpoint_every = 100
-    c.keep_checkpoints = 2
     c.global_batch_size = 16
     c.optim.lr = 2e-3
     c.optim.vision_lr = 2e-4              # one tenth, as FUSION's stage 2; 2e-3 erases the warm start
