@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from fusion_jax.config import FusionConfig, from_hf_config, vision_config_from_hf
-from fusion_jax.convert.st_io import CheckpointError, SafeReader, np_dtype
+from fusion_jax.convert.st_io import CheckpointError, SafeReader, cast_checked, np_dtype
 from fusion_jax.param_map import Row, hf_shape, param_table, to_ours
 
 
@@ -110,10 +110,10 @@ def load_weights(model, reader, *, dtype=None, select: Callable[[Row], bool] | N
     if problems:
         raise CheckpointError(f"{reader.folder}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
     for r in rows:
-        parts = [to_ours(reader.get(n), r.transform) for n in r.hf_names()]
-        arr = np.stack(parts) if r.stack else parts[0]
         var = ours[r.ours]
-        var.set_value(jnp.asarray(arr, dtype=dtype or var.get_value().dtype))
+        dt = np.dtype(dtype or var.get_value().dtype)
+        parts = [cast_checked(to_ours(reader.get(n), r.transform), dt, n) for n in r.hf_names()]
+        var.set_value(jnp.asarray(np.stack(parts) if r.stack else parts[0]))
     return model
 
 

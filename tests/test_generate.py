@@ -211,3 +211,52 @@ def test_eval_convention_keeps_initial_latents_in_later_blocks(setup):
     x, init = np.asarray(x), np.asarray(enc["init_latent"])
     np.testing.assert_allclose(x[0, fill[:4]], init[0], atol=1e-6)
     np.testing.assert_allclose(x[0, fill[4:]], init[0], atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- limits
+
+LONG = "Describe every object in the picture, its colour, its size and where it is. " * 4
+
+
+def test_prompt_longer_than_context_is_an_error_not_a_cut(tmp_path):
+    from fusion_jax.eval.fixtures import tiny_model_and_tokenizer
+    model, tok = tiny_model_and_tokenizer(str(tmp_path), seed=0, max_length=96)
+    with pytest.raises(ValueError, match=r"prompt 1 is \d+ tokens \(image and latent tokens included\), "
+                                         r"longer than the model's max_length 96"):
+        G.answer(model, tok, [{"question": "Hi?", "image": None}, {"question": LONG, "image": None}])
+    from fusion_jax.layout import spliced_length
+    ids = G.encode_request(tok, "phi_3", [("Hi?", None)], has_image=False)["input_ids"]
+    n = spliced_length(ids, num_image_tokens=model.cfg.num_image_tokens, query_len=16)
+    with pytest.raises(ValueError, match=rf"prompt 0 is {n} tokens; with max_new_tokens 131072 that is "
+                                         rf"{n + 131072} positions, more than the model's "
+                                         r"max_position_embeddings 131072"):
+        G.answer(model, tok, [{"question": "Hi?", "image": None}], G.GenerationConfig(max_new_tokens=131072))
+    G.check_context(model.cfg, [96], 131072 - 96)             # exactly full is allowed
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
+        G.generate(model, {}, max_new_tokens=0)
+
+
+def test_cli_names_the_lengths(tmp_path, capsys):
+    from fusion_jax.eval.fixtures import write_tiny_checkpoint
+    from fusion_jax.generate.cli import main
+    ckpt, _, _ = write_tiny_checkpoint(str(tmp_path / "ckpt"), max_length=96)
+    assert main(["--ckpt", ckpt, "--prompt", LONG]) == 2
+    assert "longer than the model's max_length 96" in capsys.readouterr().err
+    assert main(["--ckpt", ckpt, "--prompt", "Hi?", "--max-new-tokens", "200000"]) == 2
+    assert "more than the model's max_position_embeddings 131072" in capsys.readouterr().err
+
+
+def test_cli_missing_image_fails_before_loading_the_model(tmp_path):
+    import os
+    import pathlib
+    import subprocess
+    import sys
+    root = str(pathlib.Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
+    # the checkpoint does not exist either: loading it first would fail on that instead
+    p = subprocess.run([sys.executable, "-m", "fusion_jax.generate", "--ckpt", str(tmp_path / "no_ckpt"),
+                        "--image", str(tmp_path / "missing.png"), "--prompt", "What is it?"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stderr
+    assert f"error: --image missing_image: {tmp_path / 'missing.png'} does not exist" in p.stderr
+    assert "no_ckpt" not in p.stderr and "Traceback" not in p.stderr

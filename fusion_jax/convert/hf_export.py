@@ -12,7 +12,7 @@ import numpy as np
 
 from fusion_jax.config import FusionConfig, tower_from_name
 from fusion_jax.convert import orbax_io as oio
-from fusion_jax.convert.st_io import CheckpointError, SafeReader, ShardedWriter, np_dtype
+from fusion_jax.convert.st_io import CheckpointError, SafeReader, ShardedWriter, cast_checked, is_float, np_dtype
 from fusion_jax.convert.util import copy_tokenizer, progress, staged_dir
 from fusion_jax.param_map import Row, hf_shape, param_table, to_ours
 from fusion_jax.param_map import to_hf as hf_layout
@@ -39,11 +39,12 @@ def check_table(rows, shapes):
         raise CheckpointError(f"model parameters with no mapping row: {stray}")
 
 
-def cast_float(a: np.ndarray, dt):
-    """`a` cast to `dt` when `a` is floating (integer tensors and dt=None: unchanged)."""
+def cast_float(a: np.ndarray, dt, name: str):
+    """`a` cast to `dt` when `a` is floating (integer tensors and dt=None: unchanged); overflow
+    to inf is a CheckpointError naming tensor `name`."""
     if dt is None or a.dtype == dt or not is_float(a.dtype):
         return a
-    return a.astype(dt)
+    return cast_checked(a, dt, name)
 
 
 def hf_order(rows: list[Row]):
@@ -70,7 +71,7 @@ def write_row(w: oio.ParamWriter, r: Row, shape, dt, read, bar):
     arr = w.create(r.ours, shape, dt, stacked=bool(r.stack))
     for i, n in enumerate(names):
         t, nbytes = read(n)
-        (arr[i] if r.stack else arr).write(cast_float(to_ours(t, r.transform), dt)).result()
+        (arr[i] if r.stack else arr).write(cast_float(to_ours(t, r.transform), dt, n)).result()
         bar.update(nbytes)
 
 
@@ -131,17 +132,13 @@ def to_hf(src: str, dst: str, *, max_shard_size="5GB", dtype=None, force=False, 
         with progress(w.total, "to-hf") as bar:
             for (r, i), (name, shp, dt) in zip(order, plan, strict=True):
                 a = hf_layout(reader.get(r.ours, i), r.transform, shp)
-                w.write(name, cast_float(a, dt))
+                w.write(name, cast_float(a, dt, name))
                 bar.update(int(np.prod(shp, dtype=np.int64)) * np.dtype(dt).itemsize)
         w.close()
         write_hf_configs(src, tmp, cfg, torch_dtype=(str(dtype) if dtype else None))
         copy_tokenizer(os.path.join(src, oio.TOKENIZER), tmp)
     log(f"wrote {dst}: {len(plan)} tensors in {len(w.names)} file(s)")
     return dst
-
-
-def is_float(d):
-    return np.issubdtype(d, np.floating) or d == np_dtype("bfloat16")
 
 
 def out_dtype(dt, dt_out):

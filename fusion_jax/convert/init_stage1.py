@@ -270,7 +270,7 @@ def init_stage1(vision_dir: str, llm_dir: str, dst: str, *, config=None, dtype=N
         with progress(total, "init") as bar:
             for r in rows:
                 if r in fresh_rows:
-                    a = cast_float(fresh[r.ours], dt_out)
+                    a = cast_float(fresh[r.ours], dt_out, r.ours)
                     w.create(r.ours, a.shape, a.dtype).write(a).result()
                     bar.update(fresh[r.ours].nbytes)
                     continue

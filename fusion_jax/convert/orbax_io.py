@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from fusion_jax.convert.st_io import np_dtype
+from fusion_jax.convert.st_io import cast_checked, is_float, np_dtype
 
 PARAMS = "params"
 CONFIG = "fusion_config.json"
@@ -204,12 +204,24 @@ def load_orbax_model(folder: str, *, mesh=None, shardings=None, dtype=None, cfg=
     cfg = cfg or read_fusion_config(folder)
     model = abstract_model(cfg.replace(**overrides) if overrides else cfg)
     ours = flat_state(model)
-    problems = param_problems(ParamReader(folder), {n: v.get_value().shape for n, v in ours.items()})
+    reader = ParamReader(folder)
+    problems = param_problems(reader, {n: v.get_value().shape for n, v in ours.items()})
     if problems:
         raise CheckpointError(f"{folder}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
     placed = param_shardings(model, mesh, shardings)
     abstract = {n: jax.ShapeDtypeStruct(v.get_value().shape, np_dtype(dtype) if dtype else v.get_value().dtype,
                                         sharding=placed[n]) for n, v in ours.items()}
-    for n, arr in flatten(restore_params_tree(folder, nest(abstract))).items():
+    restored = flatten(restore_params_tree(folder, nest(abstract)))
+    check_restore_casts(reader, restored)
+    for n, arr in restored.items():
         ours[n].set_value(arr)
     return model
+
+
+def check_restore_casts(reader: ParamReader, restored: dict):
+    """Orbax casts on restore, where a value too large for the new dtype silently becomes inf:
+    an array that gained infs is re-cast from the stored values on the host, which names it."""
+    import jax.numpy as jnp
+    for n, arr in restored.items():
+        if reader.dtype(n) != arr.dtype and is_float(arr.dtype) and bool(jnp.isinf(arr).any()):
+            cast_checked(reader.get(n), arr.dtype, f"{n} of {reader.dir}")

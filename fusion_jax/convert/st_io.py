@@ -6,12 +6,19 @@ buffer, so host memory holds one tensor, not the checkpoint). `ShardedWriter` wr
 tensors one at a time into pre-planned shards plus `model.safetensors.index.json`.
 PyTorch `.bin` files are read only with `torch.load(weights_only=True, mmap=True)`, and
 only when the caller allows them. `CheckpointError` is the one error for bad checkpoints.
+
+Opening a file checks everything before reading data: the header length (capped at
+MAX_HEADER_BYTES), every entry's dtype, shape and data_offsets (in order, the right size, inside
+the file, no overlap), and that the shards and their index agree on where each tensor is.
+`cast_checked` is the one dtype cast of conversion and loading: overflow to inf is an error.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
+from itertools import pairwise
 
 import ml_dtypes
 import numpy as np
@@ -40,15 +47,45 @@ class CheckpointError(ValueError):
     """A checkpoint folder or file that cannot be read as asked (every loader raises this)."""
 
 
+def is_float(d) -> bool:
+    d = np.dtype(d)
+    return np.issubdtype(d, np.floating) or d == ST_TO_NP["BF16"]
+
+
+def cast_checked(a: np.ndarray, dt, name: str) -> np.ndarray:
+    """`a` as `dt`; a CheckpointError naming `name` when finite values would become inf
+    (e.g. 1e6 cast to float16), never a silent overflow."""
+    dt = np.dtype(dt)
+    if a.dtype == dt:
+        return a
+    with np.errstate(over="ignore"):         # an overflow is reported below, naming the tensor
+        out = a.astype(dt)
+    if not is_float(dt) or not is_float(a.dtype) or np.isfinite(out).all():
+        return out
+    src = a.astype(np.float64)
+    finite = np.isfinite(src)
+    if (np.isinf(out) & finite).any():
+        amax = float(np.abs(src[finite]).max())
+        limit = float(ml_dtypes.finfo(dt).max)
+        raise CheckpointError(f"tensor {name}: max |value| {amax:.6g} overflows {dt} (largest finite {limit:.6g}); "
+                              f"keep a wider dtype (bfloat16 or float32)")
+    return out
+
+
+MAX_HEADER_BYTES = 100 * 2**20   # the safetensors library's own cap: a larger header is not one
+
+
 class _StFile:
     def __init__(self, path):
         self.path = path
+        size = os.path.getsize(path)
         with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
+            n = _header_len(path, f.read(8), size)
+            header = _parse_header(path, f.read(n))
         self.metadata = header.pop("__metadata__", None) or {}
         self.base = 8 + n
         self.entries = header
+        _check_spans(path, {k: _entry_span(path, k, e) for k, e in header.items()}, size - self.base)
 
     def shape(self, name):
         return tuple(self.entries[name]["shape"])
@@ -70,6 +107,65 @@ class _StFile:
         if buf.size != b - a:
             raise CheckpointError(f"{self.path}: tensor {name} is truncated")
         return buf.view(dt).reshape(e["shape"])
+
+
+def _header_len(path, head: bytes, size: int) -> int:
+    """The 8-byte header length, refused before any big read when it cannot be right."""
+    if len(head) < 8:
+        raise CheckpointError(f"{path}: {size} bytes, too short for a safetensors file")
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER_BYTES:
+        raise CheckpointError(f"{path}: header length {n} bytes exceeds the {MAX_HEADER_BYTES} byte cap "
+                              f"(not a safetensors file, or a corrupt one)")
+    if 8 + n > size:
+        raise CheckpointError(f"{path}: header length {n} bytes runs past the end of the file ({size} bytes)")
+    return n
+
+
+def _parse_header(path, raw: bytes) -> dict:
+    try:
+        header = json.loads(raw)
+    except ValueError as e:          # bad JSON or bad UTF-8
+        raise CheckpointError(f"{path}: the header is not valid JSON ({e})") from None
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__") or {}, dict):
+        raise CheckpointError(f"{path}: the header is not a JSON object of tensor entries")
+    return header
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _entry_span(path, name, e) -> tuple[int, int]:
+    """(start, end) of one tensor's bytes after checking its dtype, shape and size."""
+    code = e.get("dtype") if isinstance(e, dict) else None
+    if not (isinstance(code, str) and code in ST_TO_NP):
+        raise CheckpointError(f"{path}: tensor {name} has unknown dtype {code!r} (known: {', '.join(ST_TO_NP)})")
+    shape, offs = e.get("shape"), e.get("data_offsets")
+    if not (isinstance(shape, list) and all(map(_is_count, shape))):
+        raise CheckpointError(f"{path}: tensor {name} has a bad shape {shape!r}")
+    if not (isinstance(offs, list) and len(offs) == 2 and all(map(_is_count, offs))):
+        raise CheckpointError(f"{path}: tensor {name} has bad data_offsets {offs!r}")
+    a, b = offs
+    if b < a:
+        raise CheckpointError(f"{path}: tensor {name} has data_offsets [{a}, {b}] out of order")
+    need = math.prod(shape) * ST_TO_NP[code].itemsize
+    if b - a != need:
+        raise CheckpointError(f"{path}: tensor {name} has data_offsets [{a}, {b}] ({b - a} bytes) but shape "
+                              f"{tuple(shape)} x {code} is {need} bytes")
+    return a, b
+
+
+def _check_spans(path, spans: dict, data_size: int):
+    """No tensor runs past the end of the file or shares bytes with another."""
+    for name, (a, b) in spans.items():
+        if b > data_size:
+            raise CheckpointError(f"{path}: tensor {name} has data_offsets [{a}, {b}] past the end of the data "
+                                  f"({data_size} bytes; truncated file?)")
+    order = sorted((a, b, name) for name, (a, b) in spans.items())
+    for (a0, b0, n0), (a1, b1, n1) in pairwise(order):
+        if a1 < b0:
+            raise CheckpointError(f"{path}: tensors {n0} [{a0}, {b0}] and {n1} [{a1}, {b1}] overlap")
 
 
 class _BinFile:
@@ -110,7 +206,7 @@ class SafeReader:
 
     def __init__(self, folder: str, *, allow_bin: bool = True):
         self.folder = folder
-        files = _weight_files(folder, allow_bin)
+        files, index = _weight_files(folder, allow_bin)
         self.files = {}
         self.where = {}
         for fn in files:
@@ -123,6 +219,8 @@ class SafeReader:
                 if k in self.where:
                     raise CheckpointError(f"{folder}: tensor {k} appears in {self.where[k]} and {fn}")
                 self.where[k] = fn
+        if index is not None:
+            _check_index(folder, *index, self.where)
 
     def keys(self):
         return list(self.where)
@@ -148,22 +246,47 @@ class SafeReader:
 
 
 def _weight_files(folder, allow_bin):
+    """(file names, (index name, weight_map) or None) of a checkpoint folder."""
     indexes = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
     for idx in indexes if allow_bin else indexes[:1]:
-        p = os.path.join(folder, idx)
-        if os.path.exists(p):
-            with open(p) as f:
-                return sorted(set(json.load(f)["weight_map"].values()))
+        if os.path.exists(os.path.join(folder, idx)):
+            wmap = _read_index(folder, idx)
+            return sorted(set(wmap.values())), (idx, wmap)
     if os.path.exists(os.path.join(folder, "model.safetensors")):
-        return ["model.safetensors"]
+        return ["model.safetensors"], None
     st = sorted(x for x in os.listdir(folder) if x.endswith(".safetensors"))
     if st:
-        return st
+        return st, None
     bins = sorted(x for x in os.listdir(folder) if x.endswith(".bin") and "pytorch_model" in x)
     if bins and allow_bin:
-        return bins
+        return bins, None
     raise CheckpointError(f"{folder}: no model.safetensors, index, *.safetensors"
                           + (" or pytorch_model*.bin" if allow_bin else " file"))
+
+
+def _read_index(folder, name) -> dict:
+    path = os.path.join(folder, name)
+    try:
+        with open(path) as f:
+            wmap = json.load(f)["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a checkpoint index with a weight_map ({type(e).__name__}: {e})") from None
+    if not isinstance(wmap, dict):
+        raise CheckpointError(f"{path}: weight_map is not an object")
+    for k, fn in wmap.items():
+        if not isinstance(fn, str) or os.path.basename(fn) != fn or fn in ("", ".", ".."):
+            raise CheckpointError(f"{path}: tensor {k} maps to {fn!r}, not a file name in the folder")
+    return wmap
+
+
+def _check_index(folder, name, wmap, where):
+    """The index and the shards agree on where every tensor is."""
+    problems = [f"{name} maps {k} to {fn}, which lacks it" + (f" (it is in {where[k]})" if k in where else "")
+                for k, fn in wmap.items() if where.get(k) != fn]
+    problems += [f"tensor {k} in {fn} is not listed in {name}" for k, fn in where.items() if k not in wmap]
+    if problems:
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise CheckpointError(f"{folder}: {len(problems)} index problem(s):\n  " + "\n  ".join(problems[:10]) + more)
 
 
 # ----------------------------------------------------------------------------- writing

@@ -22,6 +22,7 @@ from fusion_jax.generate.prompts import (
     CONVENTIONS,
     GenerationConfig,
     answer,
+    check_context,
     cut_at_stop,
     decode_outputs,
     default_template,
@@ -29,14 +30,15 @@ from fusion_jax.generate.prompts import (
     image_question,
     layout_padded,
     load_image_crops,
+    open_image,
     pick_query_len,
     render_prompt,
     stop_strings,
     stop_token_ids,
 )
 
-__all__ = ["CONVENTIONS", "MAX_EOS", "TRACES", "GenerationConfig", "answer", "cut_at_stop", "decode_outputs",
-           "decode_step", "default_template", "encode_request", "find_tokenizer_dir", "generate",
+__all__ = ["CONVENTIONS", "MAX_EOS", "TRACES", "GenerationConfig", "answer", "check_context", "cut_at_stop",
+           "decode_outputs", "decode_step", "default_template", "encode_request", "find_tokenizer_dir", "generate",
            "generate_nocache", "image_question", "layout_padded", "load_image_crops", "load_model", "load_params",
-           "pick_query_len", "pick_token", "prefill", "prefill_inputs", "render_prompt", "stop_strings",
+           "open_image", "pick_query_len", "pick_token", "prefill", "prefill_inputs", "render_prompt", "stop_strings",
            "stop_token_ids"]

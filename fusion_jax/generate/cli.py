@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from fusion_jax.generate.loading import find_tokenizer_dir, load_model
-from fusion_jax.generate.prompts import CONVENTIONS, GenerationConfig, answer, pick_query_len
+from fusion_jax.generate.prompts import CONVENTIONS, GenerationConfig, answer, open_image, pick_query_len
 
 
 def add_generation_args(ap):
@@ -63,19 +63,31 @@ def main(argv=None) -> int:
                          "answered by the model in order)")
     ap.add_argument("--show-prompt", action="store_true")
     a = ap.parse_args(argv)
+    from fusion_jax.data.images import ImageError
     from fusion_jax.data.templates import TEMPLATES
     if a.template is not None and a.template not in TEMPLATES:
         print(f"unknown template {a.template!r}; choose one of {sorted(TEMPLATES)}", file=sys.stderr)
         return 2
-    try:
+    if a.max_new_tokens < 1:
+        print(f"error: --max-new-tokens must be at least 1, got {a.max_new_tokens}", file=sys.stderr)
+        return 2
+    try:   # the image first: a wrong path fails in a second, not after loading the model
+        image = open_image(a.image) if a.image is not None else None
         tok, model = load_for_cli(a)
+        return _converse(a, tok, model, image)
+    except ImageError as e:
+        print(f"error: --image {e}", file=sys.stderr)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+    return 2
+
+
+def _converse(a, tok, model, image) -> int:
+    """Answer each --prompt in turn, earlier answers kept as the conversation."""
     turns = []
     for k, p in enumerate(a.prompt):
         turns.append((p, None))
-        texts, raw = answer(model, tok, [{"turns": turns, "image": a.image}], generation_config(a), return_raw=True)
+        texts, raw = answer(model, tok, [{"turns": turns, "image": image}], generation_config(a), return_raw=True)
         if a.show_prompt:
             print(f"--- prompt {k}:\n{raw['prompts'][0]}\n---", file=sys.stderr)
         turns[-1] = (p, texts[0])

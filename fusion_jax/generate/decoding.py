@@ -93,6 +93,8 @@ def generate(model, batch, *, max_new_tokens: int, temperature: float = 0.0, top
     Returns dict(tokens [B, N] (pad after eos), num_tokens [B] (eos included),
     step_logits [N, B, V] when return_logits).
     """
+    if int(max_new_tokens) < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     eos = [int(e) for e in (eos_ids if isinstance(eos_ids, (tuple, list)) else [eos_ids])]
     if len(eos) > MAX_EOS:
         raise ValueError(f"at most {MAX_EOS} eos ids, got {len(eos)}")

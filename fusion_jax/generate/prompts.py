@@ -113,8 +113,24 @@ def _unpad(input_ids, attention_mask, labels):
                        for x, d in zip(labels, last_only, strict=True)]
 
 
+def check_context(cfg, lengths, max_new_tokens: int = 0):
+    """A prompt the model cannot hold is an error naming the lengths, never a silent cut: each
+    prompt (after image / latent expansion) fits max_length, and with the new tokens the
+    positions stay below max_position_embeddings."""
+    worst = int(np.argmax(lengths))
+    n = int(lengths[worst])
+    if cfg.max_length is not None and n > cfg.max_length:
+        raise ValueError(f"prompt {worst} is {n} tokens (image and latent tokens included), longer than the "
+                         f"model's max_length {cfg.max_length}; shorten it")
+    limit = cfg.llm.max_position_embeddings
+    if n + max_new_tokens > limit:
+        raise ValueError(f"prompt {worst} is {n} tokens; with max_new_tokens {max_new_tokens} that is "
+                         f"{n + max_new_tokens} positions, more than the model's max_position_embeddings {limit}")
+
+
 def layout_padded(cfg, input_ids, instructs, images, *, attention_mask=None, labels=None,
-                  query_len=None, seq_bucket: int = 0, instruct_bucket: int = 0, pad_id: int = 0):
+                  query_len=None, seq_bucket: int = 0, instruct_bucket: int = 0, pad_id: int = 0,
+                  max_new_tokens: int = 0):
     """Device batch for generation from reference-style inputs.
 
     input_ids: a list of 1-D arrays, or a 2-D array with `attention_mask` (left *or* right
@@ -123,13 +139,14 @@ def layout_padded(cfg, input_ids, instructs, images, *, attention_mask=None, lab
     per-sample label arrays with INSTRUCT_INDEX markers (chat convention).
     seq_bucket / instruct_bucket round the padded sizes up (fewer compilations; note that
     in the reference early-attention mode the instruct padding width nudges the numbers).
+    A prompt too long for the model (`check_context`, with `max_new_tokens`) is a ValueError.
     """
     q = pick_query_len(cfg, query_len)
     input_ids, labels = _unpad(input_ids, attention_mask, labels)
     n_q = 1 if labels is None else max(1, max(int((x == INSTRUCT_INDEX).sum()) for x in labels))
-    need = max(spliced_length(x, num_image_tokens=cfg.num_image_tokens, query_len=q) for x in input_ids)
-    if cfg.max_length is not None:
-        need = min(need, cfg.max_length)
+    lengths = [spliced_length(x, num_image_tokens=cfg.num_image_tokens, query_len=q) for x in input_ids]
+    check_context(cfg, lengths, max_new_tokens)
+    need = max(lengths)
     ins = [np.asarray(x, np.int64).reshape(-1) for x in instructs]
     lay = build_layout(input_ids, labels, ins, num_image_tokens=cfg.num_image_tokens, query_len=q,
                        max_questions=n_q, seq_len=_bucket(need, seq_bucket),
@@ -142,13 +159,19 @@ def layout_padded(cfg, input_ids, instructs, images, *, attention_mask=None, lab
 
 def load_image_crops(cfg, image) -> np.ndarray:
     """PIL image, path or None -> [5, 3, size, size] static_hd crops (zeros for None)."""
-    from fusion_jax.data.images import decode_image, read_image_file, static_hd_crops, zero_crops
+    from fusion_jax.data.images import static_hd_crops, zero_crops
     size = cfg.vision.image_size
     if image is None:
         return zero_crops(size)
     if isinstance(image, (str, os.PathLike)):
-        image = decode_image(read_image_file(os.fspath(image)), name=os.fspath(image))
+        image = open_image(image)
     return static_hd_crops(image.convert("RGB"), size)
+
+
+def open_image(path):
+    """A PIL image from a file; an ImageError naming the file when it is missing or not an image."""
+    from fusion_jax.data.images import decode_image, read_image_file
+    return decode_image(read_image_file(os.fspath(path)), name=os.fspath(path))
 
 
 def stop_token_ids(cfg, tokenizer=None, template=None) -> tuple:
@@ -224,7 +247,8 @@ def answer(model, tokenizer, requests, gcfg: GenerationConfig | None = None, *, 
     pad = int(getattr(tokenizer, "pad_id", 0) or 0)
     lay = layout_padded(cfg, [e["input_ids"] for e in encs], [e["instructs"] for e in encs], crops,
                         labels=[e["labels"] for e in encs], query_len=gcfg.query_len,
-                        seq_bucket=gcfg.seq_bucket, instruct_bucket=gcfg.instruct_bucket, pad_id=pad)
+                        seq_bucket=gcfg.seq_bucket, instruct_bucket=gcfg.instruct_bucket, pad_id=pad,
+                        max_new_tokens=gcfg.max_new_tokens)
     out = generate(model, {k: jnp.asarray(v) for k, v in lay.items()}, max_new_tokens=gcfg.max_new_tokens,
                    temperature=float(gcfg.temperature), top_k=int(gcfg.top_k), top_p=float(gcfg.top_p),
                    eos_ids=stop_token_ids(cfg, tokenizer, tmpl), pad_id=pad,
