@@ -7,6 +7,7 @@ Modules
   tokenizer   HF tokenizer folder loaded offline with `tokenizers`
   sample      record -> sample | Skipped (shared by training, `check` and `preview`)
   pipeline    grain pipeline, buckets + build_layout collation, iterator state
+  hosts       the collator's cross-host agreement (buckets, errors, end of data); the data errors
   tfds_builder  mixture -> ArrayRecord (images as bytes), read with tfds.data_source, no TensorFlow
   check / preview  the CLI's reports (`python -m fusion_jax.data check|preview|prepare`)
 
@@ -24,11 +25,13 @@ EXIF orientation is applied (option `exif_transpose`); truncated images are skip
 grey-filled; 16-bit images are scaled rather than clipped; bad records are skipped and counted
 instead of being replaced by a random other record.
 """
+from fusion_jax.data.hosts import HostDataError, NoUsableDataError
 from fusion_jax.data.pipeline import BatchCollator, DataIterator, PipelineConfig, build_dataset, open_source
 from fusion_jax.data.records import REPAIRS, SKIP_REASONS, InputError
 from fusion_jax.data.sample import SampleConfig, SampleProcessor, Skipped, StrictModeError
 from fusion_jax.data.tokenizer import load_tokenizer
 
 __all__ = ["BatchCollator", "DataIterator", "PipelineConfig", "build_dataset", "open_source",
+           "HostDataError", "NoUsableDataError",
            "REPAIRS", "SKIP_REASONS", "InputError", "SampleConfig", "SampleProcessor",
            "Skipped", "StrictModeError", "load_tokenizer"]

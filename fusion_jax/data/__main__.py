@@ -24,19 +24,21 @@ def _common(p: argparse.ArgumentParser):
     p.add_argument("--query-len", default="4,16,36,64,144")
     p.add_argument("--max-questions", type=int, default=16)
     p.add_argument("--max-pixels", type=int, default=None)
+    p.add_argument("--max-file-bytes", type=int, default=None, help="image files over this are skipped unread")
     p.add_argument("--no-exif-transpose", action="store_true")
     p.add_argument("--seed", type=int, default=0, help="seed of random:N sampling strategies")
     p.add_argument("--strict", action="store_true", help="fail on the first bad record, naming it")
 
 
 def _processor(args, decode_images=True):
-    from fusion_jax.data.images import DEFAULT_MAX_PIXELS
+    from fusion_jax.data.images import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS
     from fusion_jax.data.sample import SampleConfig, SampleProcessor
     from fusion_jax.data.tokenizer import load_tokenizer
     cfg = SampleConfig(template=args.template, image_size=args.image_size,
                        num_image_tokens=args.num_image_tokens, max_length=args.max_len,
                        query_lens=tuple(int(q) for q in args.query_len.split(",")),
                        max_questions=args.max_questions, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+                       max_file_bytes=args.max_file_bytes or DEFAULT_MAX_FILE_BYTES,
                        exif_transpose=not args.no_exif_transpose, decode_images=decode_images,
                        strict=args.strict)
     return SampleProcessor(load_tokenizer(args.tokenizer), cfg, image_folder=args.image_folder)

@@ -48,6 +48,7 @@ class Report:
 
     def to_dict(self) -> dict:
         return {"total": self.total, "usable": self.usable, "skipped": dict(sorted(self.skipped.items())),
+                "skipped_fraction": round(sum(self.skipped.values()) / max(self.total, 1), 4),
                 "skipped_examples": {k: v for k, v in sorted(self.examples.items())},
                 "repaired": dict(sorted(self.repaired.items())),
                 "text_tokens": self._pct(self.text_lengths),
@@ -57,7 +58,10 @@ class Report:
     def format(self) -> str:
         d = self.to_dict()
         lines = [f"total records : {d['total']}", f"usable        : {d['usable']}",
-                 f"skipped       : {sum(self.skipped.values())}"]
+                 f"skipped       : {sum(self.skipped.values())} ({d['skipped_fraction']:.1%}; training stops "
+                 "above data.max_skip_fraction)"]
+        if self.total and not self.usable:
+            lines.append("no usable record: training would stop at once (NoUsableDataError)")
         for reason, n in d["skipped"].items():
             lines.append(f"  {reason:<20} {n:>8}   e.g. {', '.join(d['skipped_examples'][reason])}")
         if d["repaired"]:

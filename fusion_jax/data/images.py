@@ -1,14 +1,16 @@
 """Safe image loading and the reference's `static_hd` crops (mm_utils.split_image).
 
-Loading never trusts the file: the path must stay inside the image folder, the pixel count
-is checked from the header before any decoding (decompression bombs), truncated files are
-rejected instead of being grey-filled, and odd modes (CMYK, RGBA, LA, P, 16-bit) plus EXIF
-orientation are converted. Each failure raises ImageError with a skip reason.
+Loading never trusts the file: the path must stay inside the image folder (symlinks included),
+only a regular file under a byte cap is opened (a FIFO would block the reader, a device could
+stream forever), the pixel count is checked from the header before any decoding (decompression
+bombs), truncated files are rejected instead of being grey-filled, and odd modes (CMYK, RGBA,
+LA, P, 16-bit) plus EXIF orientation are converted. Each failure raises ImageError with a skip reason.
 """
 from __future__ import annotations
 
 import io
 import os
+import stat
 import struct
 import warnings
 
@@ -16,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 100_000_000
+DEFAULT_MAX_FILE_BYTES = 256 << 20  # a 100 MP PNG fits; a multi-GB mistake is never read
 
 # Exact float32 values of the processor's rescale (float64 * 1/255, cast) then (x - 0.5) / 0.5.
 _RESCALED = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
@@ -39,19 +42,37 @@ def resolve_image_path(image_folder: str | None, rel: str) -> str:
         raise ImageError("unsafe_image_path", f"image path {rel!r} leaves the image folder")
     if image_folder is None:
         raise ImageError("missing_image", f"{rel!r}: no image folder configured")
-    return os.path.join(image_folder, rel)
+    path = os.path.join(image_folder, rel)
+    root, real = os.path.realpath(image_folder), os.path.realpath(path)
+    if os.path.commonpath([root, real]) != root:
+        raise ImageError("image_link_escapes", f"{path} resolves to {real}, outside the image folder {root}")
+    return path
 
 
-def read_image_file(path: str) -> bytes:
+def _check_file(st: os.stat_result, path: str, max_bytes: int):
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("directory" if stat.S_ISDIR(st.st_mode) else "FIFO" if stat.S_ISFIFO(st.st_mode) else
+                "device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "special file")
+        raise ImageError("not_a_regular_file", f"{path} is a {kind}")
+    if st.st_size > max_bytes:
+        raise ImageError("image_file_too_large", f"{path}: {st.st_size} bytes > {max_bytes}")
+
+
+def read_image_file(path: str, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
+    """The bytes of a regular file of at most max_bytes; anything else is refused from its metadata."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        _check_file(os.stat(path), path, max_bytes)
+        # O_NONBLOCK: a file swapped for a FIFO after the stat cannot block the open either.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
     except (FileNotFoundError, NotADirectoryError):
         raise ImageError("missing_image", f"{path} does not exist") from None
-    except IsADirectoryError:
-        raise ImageError("missing_image", f"{path} is a directory") from None
     except OSError as e:
         raise ImageError("missing_image", f"{path}: {e}") from None
+    with os.fdopen(fd, "rb") as f:
+        _check_file(os.fstat(f.fileno()), path, max_bytes)  # what was opened, not just what was stat'ed
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:  # grew after the check
+        raise ImageError("image_file_too_large", f"{path}: over {max_bytes} bytes")
     if not data:
         raise ImageError("empty_image", f"{path} is empty")
     return data

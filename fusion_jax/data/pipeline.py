@@ -9,7 +9,10 @@
       -> _Collate: query_len drawn per step, buckets, build_layout, running skip totals
                                                        (main process; its state is checkpointed)
 Every process draws the same query_len for the same step (seed, step), and with several
-processes the seq/instruct buckets are max-reduced across hosts so global arrays line up.
+processes the seq/instruct buckets are max-reduced across hosts so global arrays line up; that
+same agreement carries each host's error, so a failure anywhere is raised everywhere (hosts.py).
+A source whose records are all skipped raises NoUsableDataError (after max_consecutive_skips
+in a row, or at the end of finite data) instead of spinning forever.
 """
 from __future__ import annotations
 
@@ -23,7 +26,9 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from fusion_jax.data.records import JsonRecordSource
+from fusion_jax.data import hosts
+from fusion_jax.data.hosts import HostDataError, NoUsableDataError
+from fusion_jax.data.records import InputError, JsonRecordSource
 from fusion_jax.data.sample import SampleProcessor, Skipped
 
 Order = str  # "shuffle" | "sequential" | "length_grouped"
@@ -43,6 +48,7 @@ class PipelineConfig:
     read_buffer_size: int = 16
     process_index: int | None = None              # default: jax.process_index()
     process_count: int | None = None
+    max_consecutive_skips: int = 1000             # skipped records in a row before NoUsableDataError
 
 
 def open_source(path: str, *, image_folder: str | None = None, seed: int = 0):
@@ -115,12 +121,13 @@ class _EpochOrderMapDataset(grain.MapDataset):
 # ----------------------------------------------------------------------------- worker-side batching
 
 class _SkipBatchIterator(grain.DatasetIterator):
-    def __init__(self, parent, batch_size: int):
+    def __init__(self, parent, batch_size: int, max_consecutive_skips: int):
         super().__init__(parent)
-        self._bs = batch_size
+        self._bs, self._max_skips = batch_size, max_consecutive_skips
 
     def __next__(self):
         samples, skipped, examples, repairs = [], collections.Counter(), {}, collections.Counter()
+        run, details = collections.Counter(), {}  # skips since the last usable sample
         while len(samples) < self._bs:
             try:
                 x = next(self._parent)
@@ -135,7 +142,9 @@ class _SkipBatchIterator(grain.DatasetIterator):
                 ex = examples.setdefault(x.reason, [])
                 if len(ex) < 5:
                     ex.append(x.id)
+                self._count_run(run, details, x)
                 continue
+            run.clear()
             samples.append(x)
             repairs.update(x["repairs"])
         return {
@@ -148,6 +157,14 @@ class _SkipBatchIterator(grain.DatasetIterator):
             "skipped": dict(skipped), "skipped_examples": examples, "repaired": dict(repairs),
         }
 
+    def _count_run(self, run: collections.Counter, details: dict, x: Skipped):
+        """Repeat makes the stream endless: without this, a source of only bad records spins forever."""
+        run[x.reason] += 1
+        details.setdefault(x.reason, f"{x.id}: {x.detail}"[:200])
+        if run.total() >= self._max_skips:
+            raise NoUsableDataError(hosts.no_usable_message(
+                f"no usable record in {run.total()} records in a row (max_consecutive_skips)", run, details))
+
     def get_state(self):
         return self._parent.get_state()
 
@@ -156,12 +173,12 @@ class _SkipBatchIterator(grain.DatasetIterator):
 
 
 class _SkipBatchIterDataset(grain.IterDataset):
-    def __init__(self, parent, batch_size: int):
+    def __init__(self, parent, batch_size: int, max_consecutive_skips: int):
         super().__init__(parent)
-        self._bs = batch_size
+        self._bs, self._max_skips = batch_size, max_consecutive_skips
 
     def __iter__(self):
-        return _SkipBatchIterator(self._parent.__iter__(), self._bs)
+        return _SkipBatchIterator(self._parent.__iter__(), self._bs, self._max_skips)
 
 
 # ----------------------------------------------------------------------------- collation
@@ -180,7 +197,10 @@ def _bucket(buckets: Sequence[int], need: int) -> int:
 
 
 class BatchCollator:
-    """Ragged samples -> fixed-shape arrays via fusion_jax.layout.build_layout."""
+    """Ragged samples -> fixed-shape arrays via fusion_jax.layout.build_layout.
+
+    sync_across_processes: the iterator agrees every step's buckets (and any error) across hosts
+    before laying a batch out (hosts.agree); a direct call lays out this host's batch alone."""
 
     def __init__(self, *, num_image_tokens: int, query_lens: Sequence[int], max_questions: int,
                  max_length: int, seq_buckets: Sequence[int], instruct_buckets: Sequence[int],
@@ -195,8 +215,9 @@ class BatchCollator:
         rng = np.random.default_rng([self.seed, 0x51, step])
         return int(self.query_lens[rng.integers(len(self.query_lens))])
 
-    def __call__(self, raw: dict, step: int) -> dict:
-        from fusion_jax.layout import build_layout, spliced_length
+    def buckets(self, raw: dict, step: int) -> tuple[int, int]:
+        """This host's (seq_len, instruct_len) buckets for the batch."""
+        from fusion_jax.layout import spliced_length
         q = self.query_len(step)
         need = max(spliced_length(x, num_image_tokens=self.P, query_len=q) for x in raw["input_ids"])
         seq_len = _bucket(self.seq_buckets, min(need, self.max_length))
@@ -204,10 +225,13 @@ class BatchCollator:
         ins_len = _bucket(self.instruct_buckets, ins_need)
         if ins_need > ins_len:
             raise ValueError(f"instructs of {ins_need} tokens exceed the largest bucket {ins_len}")
-        if self.sync:
-            from jax.experimental import multihost_utils
-            both = multihost_utils.process_allgather(np.asarray([seq_len, ins_len], np.int32))
-            seq_len, ins_len = (int(v) for v in np.asarray(both).reshape(-1, 2).max(0))
+        return seq_len, ins_len
+
+    def __call__(self, raw: dict, step: int, buckets: tuple[int, int] | None = None) -> dict:
+        """The batch laid out at `buckets` (default: this host's own, see `buckets`)."""
+        from fusion_jax.layout import build_layout
+        q = self.query_len(step)
+        seq_len, ins_len = buckets or self.buckets(raw, step)
         out = build_layout(raw["input_ids"], raw["labels"], raw["instructs"], num_image_tokens=self.P,
                            query_len=q, max_questions=self.L, seq_len=seq_len, instruct_len=ins_len,
                            pad_id=self.pad_id, max_length=min(self.max_length, seq_len))
@@ -218,35 +242,70 @@ class BatchCollator:
 
 
 class _CollateIterator(grain.DatasetIterator):
-    def __init__(self, parent, collator: BatchCollator):
+    def __init__(self, parent, collator: BatchCollator, batch_size: int):
         super().__init__(parent)
-        self._collate = collator
+        self._collate, self._bs = collator, batch_size
         self._step = 0
+        self.records = 0  # consumed: used + skipped + dropped remainders
         self.skipped = collections.Counter()
         self.repaired = collections.Counter()
         self.skipped_examples: dict[str, list[str]] = collections.defaultdict(list)
         self.dropped_remainder = 0  # usable samples of an incomplete last batch (finite epochs)
 
     def _count(self, raw):
+        self.records += sum(raw["skipped"].values()) + (raw["dropped_remainder"] if raw.get("tail")
+                                                         else len(raw["ids"]))
+        self.dropped_remainder += raw.get("dropped_remainder", 0)
         self.skipped.update(raw["skipped"])
         self.repaired.update(raw["repaired"])
         for r, rids in raw["skipped_examples"].items():
             self.skipped_examples[r].extend(rids[:5 - len(self.skipped_examples[r])])
 
-    def __next__(self):
-        raw = next(self._parent)
-        while raw.get("tail"):  # end of a worker's data: counts only, no batch
-            self._count(raw)
-            self.dropped_remainder += raw["dropped_remainder"]
+    def _next_raw(self) -> dict:
+        try:
             raw = next(self._parent)
-        out = self._collate(raw, self._step)
+            while raw.get("tail"):  # end of a worker's data: counts only, no batch
+                self._count(raw)
+                raw = next(self._parent)
+        except StopIteration:
+            if self._step == 0 and self.skipped and not self.dropped_remainder:
+                examples = {r: ", ".join(v) for r, v in self.skipped_examples.items()}
+                raise NoUsableDataError(hosts.no_usable_message(
+                    f"the data ended after {self.records} records, none usable", self.skipped, examples)) from None
+            raise
+        return raw
+
+    def __next__(self):
+        raw, buckets, out, failure = None, None, None, None
+        try:
+            raw = self._next_raw()
+            buckets = self._collate.buckets(raw, self._step)
+            out = self._collate(raw, self._step, buckets)
+        except Exception as e:  # noqa: BLE001 - with several hosts, every host must hear of it
+            if not self._collate.sync:
+                raise
+            failure = e
+        if self._collate.sync:
+            out = self._agree(raw, buckets, failure, out)
         self._step += 1
         self._count(raw)
         out["skipped"] = dict(raw["skipped"])
         return out
 
+    def _agree(self, raw, buckets, failure, out):
+        """The same buckets on every host, or the same error / end of data on every host."""
+        try:
+            agreed = hosts.agree(buckets or (0, 0), failure, self._step)
+        except HostDataError as e:
+            raise e from failure
+        if agreed is None:  # some host's data ended: all stop here, this host's batch dropped
+            if raw is not None:
+                self._count({**raw, "tail": True, "dropped_remainder": len(raw["ids"])})
+            raise StopIteration
+        return out if agreed == buckets else self._collate(raw, self._step, agreed)
+
     def get_state(self):
-        return {"parent": self._parent.get_state(), "step": self._step,
+        return {"parent": self._parent.get_state(), "step": self._step, "records": self.records,
                 "skipped": dict(self.skipped), "repaired": dict(self.repaired),
                 "dropped_remainder": self.dropped_remainder}
 
@@ -256,19 +315,23 @@ class _CollateIterator(grain.DatasetIterator):
         self.skipped = collections.Counter(state.get("skipped", {}))
         self.repaired = collections.Counter(state.get("repaired", {}))
         self.dropped_remainder = int(state.get("dropped_remainder", 0))
+        # States saved before "records" existed: every step was a full batch.
+        self.records = int(state.get("records", self._step * self._bs + sum(self.skipped.values())
+                                     + self.dropped_remainder))
 
     def stats(self) -> dict:
-        return {"steps": self._step, "skipped": dict(self.skipped), "repaired": dict(self.repaired),
-                "dropped_remainder": self.dropped_remainder, "skipped_examples": dict(self.skipped_examples)}
+        return {"steps": self._step, "records": self.records, "skipped": dict(self.skipped),
+                "repaired": dict(self.repaired), "dropped_remainder": self.dropped_remainder,
+                "skipped_examples": dict(self.skipped_examples)}
 
 
 class _CollateIterDataset(grain.IterDataset):
-    def __init__(self, parent, collator: BatchCollator):
+    def __init__(self, parent, collator: BatchCollator, batch_size: int):
         super().__init__(parent)
-        self._collator = collator
+        self._collator, self._bs = collator, batch_size
 
     def __iter__(self):
-        return _CollateIterator(self._parent.__iter__(), self._collator)
+        return _CollateIterator(self._parent.__iter__(), self._collator, self._bs)
 
 
 # ----------------------------------------------------------------------------- assembly
@@ -283,6 +346,8 @@ def _process_index_count(cfg: PipelineConfig) -> tuple[int, int]:
 def build_dataset(source, processor: SampleProcessor, cfg: PipelineConfig, *,
                   lengths: np.ndarray | None = None) -> grain.IterDataset:
     """The full pipeline as a grain IterDataset; `iter()` it (or use `make_iterator`)."""
+    if len(source) == 0:  # would end at once (or spin, repeated): say why instead
+        raise InputError("the data source has no records (check data.path and its sampling strategies)")
     pidx, pcount = _process_index_count(cfg)
     scfg = processor.cfg
     ds = grain.MapDataset.source(source)
@@ -300,7 +365,7 @@ def build_dataset(source, processor: SampleProcessor, cfg: PipelineConfig, *,
     ds = ds.map(processor)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
                                               prefetch_buffer_size=cfg.read_buffer_size))
-    it = _SkipBatchIterDataset(it, cfg.batch_size)
+    it = _SkipBatchIterDataset(it, cfg.batch_size, cfg.max_consecutive_skips)
     if cfg.worker_count > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
                                                          per_worker_buffer_size=cfg.worker_buffer_size))
@@ -310,7 +375,7 @@ def build_dataset(source, processor: SampleProcessor, cfg: PipelineConfig, *,
         max_questions=scfg.max_questions or 16, max_length=max_len, seq_buckets=cfg.seq_buckets,
         instruct_buckets=cfg.instruct_buckets or default_instruct_buckets(scfg.max_instruct_len or 512),
         pad_id=getattr(processor.tok, "pad_id", 0), seed=cfg.seed, sync_across_processes=pcount > 1)
-    return _CollateIterDataset(it, collator)
+    return _CollateIterDataset(it, collator, cfg.batch_size)
 
 
 class DataIterator:

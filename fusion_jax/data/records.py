@@ -14,7 +14,12 @@ import os
 import numpy as np
 import yaml
 
-from fusion_jax.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
+from fusion_jax.constants import (
+    DEFAULT_IM_END_TOKEN,
+    DEFAULT_IM_START_TOKEN,
+    DEFAULT_IMAGE_TOKEN,
+    DEFAULT_LATENT_IMAGE_TOKEN,
+)
 
 SKIP_REASONS = {
     "malformed_json": "a JSONL line that does not parse",
@@ -24,7 +29,11 @@ SKIP_REASONS = {
     "broken_conversation": "turns do not alternate human/gpt",
     "no_answer_round": "no human-then-answer round left",
     "bad_image_tag": "<image> in an answer, in several turns, or in a text-only record",
+    "bad_latent_tag": "literal <latent_image> in a turn (only the template places it)",
     "unsafe_image_path": "absolute image path, or one with '..'",
+    "image_link_escapes": "image path resolves (through a symlink) outside the image folder",
+    "not_a_regular_file": "image path is a directory, FIFO, device or socket (never opened)",
+    "image_file_too_large": "image file over the byte cap (checked before reading)",
     "missing_image": "image file missing",
     "empty_image": "image file is empty",
     "truncated_image": "image file is truncated",
@@ -241,6 +250,9 @@ def conversation_rounds(rec: dict, *, has_image: bool, max_questions: int | None
         repairs.append("trailing_question_dropped")
     if not turns:
         raise Skip("no_answer_round", f"{key}: no human-then-answer round")
+    latent = [j for j, (_, v) in enumerate(turns) if DEFAULT_LATENT_IMAGE_TOKEN in v]
+    if latent:  # it would add a latent block the layout never planned for
+        raise Skip("bad_latent_tag", f"{key}: {DEFAULT_LATENT_IMAGE_TOKEN} in turns {latent}")
     tagged = [j for j, (_, v) in enumerate(turns) if DEFAULT_IMAGE_TOKEN in v]
     if tagged and (not has_image or len(tagged) > 1 or tagged[0] % 2):
         raise Skip("bad_image_tag", f"{key}: <image> in turns {tagged} (image record: {has_image})")

@@ -35,6 +35,7 @@ class SampleConfig:
     max_questions: int | None = 16
     max_instruct_len: int | None = 512
     max_pixels: int = img_lib.DEFAULT_MAX_PIXELS
+    max_file_bytes: int = img_lib.DEFAULT_MAX_FILE_BYTES
     exif_transpose: bool = True
     decode_images: bool = True             # False: validate text only (images as zeros)
     strict: bool = False
@@ -107,11 +108,11 @@ class SampleProcessor:
         cfg = self.cfg
         if not cfg.decode_images:
             if image_bytes is None:  # still check the path and the file's presence
-                img_lib.read_image_file(img_lib.resolve_image_path(image_folder, rel))
+                img_lib.read_image_file(img_lib.resolve_image_path(image_folder, rel), cfg.max_file_bytes)
             return img_lib.zero_crops(cfg.image_size)
         if image_bytes is None:
             path = img_lib.resolve_image_path(image_folder, rel)
-            image_bytes, name = img_lib.read_image_file(path), path
+            image_bytes, name = img_lib.read_image_file(path, cfg.max_file_bytes), path
         else:
             name = f"{rid}:{rel}"
         pil = img_lib.decode_image(image_bytes, max_pixels=cfg.max_pixels,
