@@ -73,10 +73,10 @@ def test_nan_budget_torn_metrics_and_resume(data, tmp_path, monkeypatch, capsys)
     real = loop.build_iterator
     monkeypatch.setattr(loop, "build_iterator", lambda *a, **k: _NaNAt(real(*a, **k), 4))
     wd = str(tmp_path / "run")
-    kw = {"data.max_skip_fraction": 0.9}
+    kw = {"data.max_skip_fraction": 0.9, "checkpoint_every": 3}
     with pytest.raises(TrainingError, match=r"step 4: loss is nan.*last good checkpoint is .*checkpoints/3"):
         loop.train(_tc(data, **kw), wd)
-    assert _steps_on_disk(wd) == [2, 3]  # keep_checkpoints 2; none at or after the NaN step
+    assert _steps_on_disk(wd) == [3]  # none at or after the NaN step
     path = os.path.join(wd, "metrics.jsonl")
     assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
     first = read_metrics(path)
@@ -100,27 +100,31 @@ def test_nan_budget_torn_metrics_and_resume(data, tmp_path, monkeypatch, capsys)
     # skip counts are cumulative across the resume (the iterator state carries them)
     assert recs[5]["data_records"] > recs[3]["data_records"]
     assert recs[6]["data_skipped_total"] >= recs[3]["data_skipped_total"] > 0
-    assert _steps_on_disk(wd) == [5, 6]
+    assert _steps_on_disk(wd) == [3, 6]
 
 
-def test_nonfinite_steps_past_the_budget_stop(data, tmp_path, monkeypatch):
-    """Two NaN steps in a row with a budget of 1: the second one stops the run, naming the budget."""
-    real = loop.build_iterator
+def test_nonfinite_budget_counts_steps_in_a_row(tmp_path):
+    """The budget is for steps in a row: a finite step resets it; one more than it stops the run,
+    naming the budget. (The logger that decides, fed the step metrics that the train step returns.)"""
+    from fusion_jax.train.metrics import SCALARS, MetricsLogger
 
-    class _NaNFrom(_NaNAt):
-        def __next__(self):
-            b = next(self._it)
-            if self._it.stats()["steps"] >= self._at:
-                b["images"] = np.full_like(b["images"], np.nan)
-            return b
+    def metrics(loss):
+        return {**{n: np.float32(loss) for n in SCALARS}, "num_targets": np.int32(1), "finite": np.isfinite(loss)}
 
-    monkeypatch.setattr(loop, "build_iterator", lambda *a, **k: _NaNFrom(real(*a, **k), 2))
-    tc = _tc(data, total_steps=4, checkpoint_every=10, **{"optim.max_nonfinite_steps": 1})
-    with pytest.raises(TrainingError, match=r"step 3: .*2 such steps in a row, more than "
+    info = {"tokens": 1, "flops": 1.0, "q": 4, "S": 8}
+    log = MetricsLogger(str(tmp_path), total_steps=9, start=0, log_every=1, tensorboard=False, max_nonfinite=1)
+    for k, loss in enumerate([1.0, np.nan, 1.0, np.nan, np.inf], 1):
+        log.push(k, metrics(loss), info)
+    with pytest.raises(TrainingError, match=r"step 5: loss is inf.*2 such steps in a row, more than "
                                             r"optim.max_nonfinite_steps = 1"):
-        loop.train(tc, str(tmp_path / "run"))
-    recs = read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
-    assert [(r["step"], r.get("event")) for r in recs] == [(1, None), (2, "nonfinite_skipped")]
+        log.flush()
+    log.close()
+    recs = read_metrics(str(tmp_path / "metrics.jsonl"))
+    assert [(r["step"], r.get("event")) for r in recs] == [(1, None), (2, "nonfinite_skipped"), (3, None),
+                                                           (4, "nonfinite_skipped")]
+    assert log.nonfinite_total == 2
+    with pytest.raises(ValueError, match=r"config\.optim\.max_nonfinite_steps"):
+        MetricsLogger(str(tmp_path), total_steps=9, start=0, log_every=1, tensorboard=False, max_nonfinite=-1)
 
 
 def test_wrong_image_folder_fails_fast(data, tmp_path):
