@@ -7,11 +7,16 @@ same small JSONL dataset through the real pipeline (per-process shard [process_i
 the single-process run's (up to float summation order: the global batch's rows are interleaved
 differently), and each step's data shards are disjoint and together are exactly the
 single-process global batch.
+
+Coordinated preemption: two processes train into one workdir; SIGTERM reaches one of them only;
+both stop at the same step with one checkpoint, and a rerun resumes on both.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +27,7 @@ import pytest
 HERE = os.path.abspath(__file__)
 REPO = os.path.dirname(os.path.dirname(HERE))
 STEPS = 3
+TRAIN_STEPS = 1000  # never reached: the first run stops on the signal, the rerun after stop_after
 GLOBAL_BATCH = 16
 DEVICES_TOTAL = 8
 
@@ -89,6 +95,24 @@ def worker(pid: int, nproc: int, port: int, out: str, data_path: str, image_fold
         jax.distributed.shutdown()
 
 
+def train_worker(pid: int, nproc: int, port: int, out: str, data_path: str, image_folder: str, tokenizer: str,
+                 workdir: str, stop_after: int):
+    """loop.train as one of `nproc` processes (the train.py path), its summary to `out`."""
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=nproc,
+                               process_id=pid, initialization_timeout=120)
+    from fusion_jax.train import loop
+    tc = _tiny_tc(data_path, image_folder, tokenizer)
+    with tc.unlocked():
+        tc.update(dict(total_steps=TRAIN_STEPS, log_every=1, checkpoint_every=TRAIN_STEPS, tensorboard=False,
+                       stop_after=stop_after))
+    r = loop.train(tc, workdir)
+    with open(out, "w") as f:
+        json.dump({k: r[k] for k in ("start_step", "step", "stopped")}, f)
+    jax.distributed.shutdown()
+
+
 # ----------------------------------------------------------------------------- test
 
 def _free_port() -> int:
@@ -97,13 +121,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(pid, nproc, port, out, data, tmp):
+def _spawn(pid, nproc, port, out, data, tmp, *extra, tag=""):
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES_TOTAL // nproc}"
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    log = open(os.path.join(tmp, f"log_{nproc}_{pid}.txt"), "w")
-    return subprocess.Popen([sys.executable, HERE, str(pid), str(nproc), str(port), out, *data],
+    log = open(os.path.join(tmp, f"log{tag}_{nproc}_{pid}.txt"), "w")
+    return subprocess.Popen([sys.executable, HERE, str(pid), str(nproc), str(port), out, *data, *extra],
                             env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT), log
 
 
@@ -119,19 +143,7 @@ def test_two_processes_match_single_process(tmp_path):
     for pid, n, p in runs:  # all three at once: the single-process run overlaps the pair's startup
         out = str(tmp_path / f"out_{n}_{pid}.json")
         procs.append((out,) + _spawn(pid, n, p, out, data, str(tmp_path)))
-    deadline = time.time() + 220
-    for out, proc, log in procs:
-        try:
-            rc = proc.wait(timeout=max(1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            for _, q, _ in procs:
-                q.kill()
-            rc = "timeout"
-        log.close()
-        if rc != 0:
-            logs = "\n".join(open(f.name).read()[-3000:] for _, _, f in procs)
-            pytest.fail(f"worker {out} exited {rc}:\n{logs}")
-    single, p0, p1 = (json.load(open(o)) for o, _, _ in procs)
+    single, p0, p1 = _finish(procs, 220)
     wall = time.time() - t0
     print(f"multi-process test wall {wall:.1f}s; single {single['losses']} multi {p0['losses']}")
 
@@ -153,6 +165,62 @@ def test_two_processes_match_single_process(tmp_path):
     assert len(seen) == len(set(seen))
 
 
+def _finish(procs, timeout: float):
+    """Wait for every (out, proc, log); kill all and fail with their logs past the timeout or on an error."""
+    deadline = time.time() + timeout
+    for out, proc, log in procs:
+        try:
+            rc = proc.wait(timeout=max(1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            for _, q, _ in procs:
+                q.kill()
+            rc = f"still running after {timeout:.0f}s"
+        if rc != 0:
+            logs = "\n".join(open(f.name).read()[-3000:] for _, _, f in procs)
+            pytest.fail(f"worker {out} exited {rc}:\n{logs}")
+        log.close()
+    return [json.load(open(o)) for o, _, _ in procs]
+
+
+def test_sigterm_on_one_host_stops_both_at_one_step(tmp_path):
+    from fusion_jax.data.testing import make_tokenizer_folder, write_dataset
+    from fusion_jax.train.metrics import read_metrics
+    path, imgdir = write_dataset(str(tmp_path / "data"), n=2 * GLOBAL_BATCH, size=24)
+    data = (path, imgdir, make_tokenizer_folder(str(tmp_path / "tok")))
+    wd = str(tmp_path / "wd")
+    metrics = os.path.join(wd, "metrics.jsonl")
+
+    def run(tag, stop_after):
+        port, outs = _free_port(), [str(tmp_path / f"{tag}_{pid}.json") for pid in (0, 1)]
+        return [(outs[pid],) + _spawn(pid, 2, port, outs[pid], data, str(tmp_path), wd, str(stop_after), tag=tag)
+                for pid in (0, 1)]
+
+    procs = run("a", -1)
+    deadline = time.time() + 300
+    while not (os.path.isfile(metrics) and len(read_metrics(metrics)) >= 2):  # training is under way
+        if time.time() > deadline or any(p.poll() is not None for _, p, _ in procs):
+            _finish(procs, 1)
+            pytest.fail("the run ended or never reached step 2")
+        time.sleep(0.2)
+    procs[1][1].send_signal(signal.SIGTERM)  # one host only
+    t_sig = time.time()
+    a0, a1 = _finish(procs, 60)
+    print(f"stopped {time.time() - t_sig:.1f}s after SIGTERM: {a0}")
+    assert a0 == a1 and a0["stopped"].startswith("signal") and a0["start_step"] == 0, (a0, a1)
+    stop = a0["step"]
+    ckpt = os.path.join(wd, "checkpoints")
+    assert sorted(int(d) for d in os.listdir(ckpt) if d.isdigit()) == [stop]
+    assert not glob.glob(os.path.join(wd, "**", "*orbax-checkpoint-tmp*"), recursive=True)
+    b0, b1 = _finish(run("b", 2), 300)  # the same command again (stopping after 2 more steps)
+    assert b0 == b1 == {"start_step": stop, "step": stop + 2, "stopped": "stop_after"}, (b0, b1)
+    assert [r["step"] for r in read_metrics(metrics)] == list(range(1, stop + 3))
+    assert not glob.glob(os.path.join(wd, "**", "*orbax-checkpoint-tmp*"), recursive=True)
+
+
 if __name__ == "__main__":
     pid, nproc, port, out, data_path, image_folder, tokenizer = sys.argv[1:8]
-    worker(int(pid), int(nproc), int(port), out, data_path, image_folder, tokenizer)
+    if len(sys.argv) > 8:
+        train_worker(int(pid), int(nproc), int(port), out, data_path, image_folder, tokenizer, *sys.argv[8:9],
+                     int(sys.argv[9]))
+    else:
+        worker(int(pid), int(nproc), int(port), out, data_path, image_folder, tokenizer)

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import time
 
 import jax
@@ -20,7 +19,9 @@ from fusion_jax.train import checkpoint as ckpt_lib
 from fusion_jax.train import optim, presets
 from fusion_jax.train import step as step_lib
 from fusion_jax.train.data import build_iterator, prepare_synth
-from fusion_jax.train.metrics import MetricsLogger, TrainingError, batch_info, fmt_time, log, truncate_metrics
+from fusion_jax.train.guards import SkipBudget
+from fusion_jax.train.guards import Stopper as _Stopper
+from fusion_jax.train.metrics import MetricsLogger, TrainingError, batch_info, fmt_time, log
 
 __all__ = ["Setup", "TrainingError", "resolve_model_config", "train", "validate"]
 
@@ -189,35 +190,6 @@ class Setup:
 
 # ----------------------------------------------------------------------------- pieces of train()
 
-class _Stopper:
-    def __init__(self):
-        self.signum = None
-        self._old = {}
-
-    def __enter__(self):
-        for s in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[s] = signal.signal(s, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:  # second signal: give up at once
-            raise KeyboardInterrupt
-        self.signum = signum
-        log(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint after this step, then exiting")
-
-    def __exit__(self, *a):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-    def reason(self, tc, steps_run: int) -> str | None:
-        if self.signum is not None:
-            return "signal " + signal.Signals(self.signum).name
-        return "stop_after" if 0 < tc.stop_after <= steps_run else None
-
-
 def dataset_size(tc) -> int:
     from fusion_jax.data.pipeline import open_source
     return len(open_source(tc.data.path, image_folder=tc.data.image_folder or None, seed=int(tc.seed)))
@@ -282,8 +254,6 @@ def init_or_resume(s: Setup, ck, it, workdir: str):
         state, data_state, _ = ck.restore(latest, s.sharded_abstract_state())
         it.set_state(data_state)
         log(f"resumed from {ck.directory}/{latest}")
-        if jax.process_index() == 0:
-            truncate_metrics(os.path.join(workdir, "metrics.jsonl"), latest)
         return state, int(latest)
     params = None
     if "vision_warmup" in s.tc and s.tc.vision_warmup.steps > 0:
@@ -305,8 +275,33 @@ def log_setup(s: Setup, seconds: float):
 
 # ----------------------------------------------------------------------------- train
 
+def _run_steps(s: Setup, state, start: int, it, ck, metrics) -> tuple:
+    """The step loop: (state, last step, why it stopped early or None). Every host takes the same
+    decisions at the same step: stop signals, non-finite steps (global metrics), the skip budget."""
+    tc = s.tc
+    meta = {"model_config": s.cfg.to_dict(), "train_config": json.loads(tc.to_json_best_effort())}
+    skips = SkipBudget(tc, tc.global_batch_size // jax.process_count())
+    step, stopped = start, None
+    with _Stopper() as stop:
+        while step < s.total_steps and stopped is None:
+            raw = next(it)
+            data = skips.check(it, step + 1)  # a TrainingError past data.max_skip_fraction
+            batch = shard_batch({k: raw[k] for k in step_lib.BATCH_KEYS}, s.mesh)
+            state, m = s.train_step(state, batch)
+            step += 1
+            metrics.push(step, m, {**batch_info(s.cfg, raw, batch), "data": data})
+            stopped = stop.reason(tc, step, start)
+            if step % tc.checkpoint_every == 0 or stopped or step == s.total_steps:
+                metrics.flush()  # a non-finite step past the budget raises here, before its checkpoint
+                ck.save(step, state, it.get_state(), meta, force=True)
+        metrics.flush()
+    return state, step, stopped
+
+
 def train(tc, workdir: str) -> dict:
-    """Run (or resume) training; returns a summary dict. Raises TrainingError on NaN/Inf."""
+    """Run (or resume) training; returns a summary dict. Raises TrainingError on NaN/Inf (past
+    optim.max_nonfinite_steps in a row) and when more than data.max_skip_fraction of the records
+    were skipped."""
     maybe_initialize_distributed()
     validate(tc)
     workdir = os.path.abspath(workdir)
@@ -326,27 +321,16 @@ def train(tc, workdir: str) -> dict:
     state, start = init_or_resume(s, ck, it, workdir)
     log_setup(s, time.time() - t_setup)
     metrics = MetricsLogger(workdir, total_steps=s.total_steps, start=start, log_every=tc.log_every,
-                            tensorboard=tc.tensorboard, last_good=lambda: f"{ck.directory}/{ck.latest_step()}")
-    meta = {"model_config": s.cfg.to_dict(), "train_config": json.loads(tc.to_json_best_effort())}
-    step, stopped = start, None
+                            tensorboard=tc.tensorboard, last_good=lambda: f"{ck.directory}/{ck.latest_step()}",
+                            max_nonfinite=tc.optim.max_nonfinite_steps)
     try:
-        with _Stopper() as stop:
-            while step < s.total_steps and stopped is None:
-                raw = next(it)
-                batch = shard_batch({k: raw[k] for k in step_lib.BATCH_KEYS}, s.mesh)
-                state, m = s.train_step(state, batch)
-                step += 1
-                metrics.push(step, m, batch_info(s.cfg, raw, batch))
-                stopped = stop.reason(tc, step - start)
-                if step % tc.checkpoint_every == 0 or stopped or step == s.total_steps:
-                    metrics.flush()
-                    ck.save(step, state, it.get_state(), meta, force=True)
-            metrics.flush()
+        state, step, stopped = _run_steps(s, state, start, it, ck, metrics)
     finally:
         ck.close()
         it.close()
         metrics.close()
     summary = {"start_step": start, "step": step, "stopped": stopped, "wall_s": time.time() - metrics.t_run0,
+               "nonfinite_skipped": metrics.nonfinite_total,
                "last": {k: float(v) for k, v in (metrics.last or {}).items()}}
     if stopped:
         log(f"stopped at step {step} ({stopped}); checkpoint saved. Rerun the same command to resume.")
