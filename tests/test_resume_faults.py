@@ -137,6 +137,13 @@ def test_config_drift_is_an_error_listing_the_keys(wd, capsys):
     with pytest.raises(ValueError, match=r"total_steps: 6 -> 4"):   # total_steps may only grow
         loop.train(_tc(total_steps=4), wd)
     assert open(path, "rb").read() == saved          # the saved config untouched
+    with open(path, "wb") as f:                      # a torn config.json is an error too, and left as is
+        f.write(saved[:40])
+    with pytest.raises(ValueError, match=r"^config\.allow_config_change: .*config\.json .* is not valid JSON"):
+        loop.train(_tc(), wd)
+    assert open(path, "rb").read() == saved[:40]
+    with open(path, "wb") as f:
+        f.write(saved)
     r = loop.train(_tc(log_every=2, stop_after=3), wd)   # logging-only keys differ freely
     assert r["step"] == 6
     assert "(allowed): log_every: 1 -> 2; stop_after: -1 -> 3" in capsys.readouterr().out

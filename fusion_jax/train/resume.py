@@ -65,6 +65,7 @@ def has_checkpoint(workdir: str) -> bool:
 
 
 def _saved_config(path: epath.Path, allow: bool) -> dict | None:
+    """The saved config; None when allowed to replace an unreadable one."""
     try:
         saved = json.loads(path.read_text())
         if not isinstance(saved, dict):
@@ -74,7 +75,6 @@ def _saved_config(path: epath.Path, allow: bool) -> dict | None:
         if not allow:
             raise ValueError(f"config.allow_config_change: {path} (the resumed run's config) is not valid JSON "
                              f"({e}); fix it, or pass --config.allow_config_change=True to replace it") from e
-        log(f"allow_config_change: {path} is not valid JSON ({e}); replacing it")
         return None
 
 
@@ -86,11 +86,15 @@ def check_config_drift(tc, workdir: str, *, resolved: bool = True) -> list[str]:
     if not has_checkpoint(workdir):
         return []
     allow = bool(tc.get("allow_config_change", False))
-    saved = _saved_config(path, allow) if path.exists() else None
-    if saved is None:
-        if resolved and not path.exists():
+    if not path.exists():
+        if resolved:
             log(f"resuming without {path}: nothing to compare the config with")
         return []
+    saved = _saved_config(path, allow)
+    if saved is None:
+        if resolved:
+            log(f"allow_config_change: {path} is not valid JSON; replacing it (the old one is kept)")
+        return [f"{RUN_CONFIG}: unreadable"]
     run, free = config_changes(saved, json.loads(tc.to_json_best_effort()), resolved=resolved)
     if run and not allow:
         first = run[0].split(":")[0]
