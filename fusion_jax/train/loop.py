@@ -282,7 +282,11 @@ def warm_start(s: Setup, params: dict) -> dict:
 def init_or_resume(s: Setup, ck, it, workdir: str):
     """(state, start step): the newest checkpoint of the workdir that restores, else a fresh (warmed-up)
     init when it has none."""
-    restored = resume.restore_latest_good(ck, s.sharded_abstract_state(), it)
+    try:
+        restored = resume.restore_latest_good(ck, s.sharded_abstract_state(), it)
+    except TrainingError:
+        ck.close()   # train() closes it only once the loop starts; a stray manager's threads outlive the run
+        raise
     if restored is not None:
         state, latest = restored
         log(f"resumed from {ck.directory}/{latest}")
