@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from fusion_jax.generate.loading import (  # noqa: F401  (the read side lives in the model layer)
     CKPT_DIR,
@@ -32,6 +33,9 @@ from fusion_jax.generate.loading import (  # noqa: F401  (the read side lives in
     step_dir,
     tokenizer_dir_of,
 )
+from fusion_jax.train.resume import remove_tmp_checkpoints
+
+UNRESTORABLE = "unrestorable_checkpoints"  # WORKDIR/<this>/<step>: set aside by a resume, kept for a look
 
 
 class _StateBox:
@@ -82,12 +86,13 @@ def _handlers():
 class Checkpointer:
     """Thin wrapper over ocp.CheckpointManager with the FUSION train-state layout."""
 
-    def __init__(self, workdir: str, *, keep: int = 3, every: int = 1000, async_save: bool = True,
+    def __init__(self, workdir: str, *, keep: int = 2, every: int = 1000, async_save: bool = True,
                  model_config_json: str | None = None, tokenizer_dir: str | None = None):
         self.workdir = os.path.abspath(workdir)
         self.directory = os.path.join(self.workdir, CKPT_DIR)
         self.model_config_json = model_config_json
         self.tokenizer_dir = tokenizer_dir
+        remove_tmp_checkpoints(self.directory)
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=max(1, every),
                                             enable_async_checkpointing=async_save, create=True)
         self.mngr = ocp.CheckpointManager(self.directory, options=opts, item_handlers=_handlers())
@@ -126,6 +131,26 @@ class Checkpointer:
     # ---------------------------------------------------------------- restore
     def latest_step(self) -> int | None:
         return self.mngr.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.mngr.all_steps())
+
+    def set_aside(self, steps) -> str:
+        """Move step folders that cannot be restored out of the manager's sight (process 0; kept, never
+        deleted, so a later save of the same step and keep-N do not meet them). Returns where."""
+        dest = epath.Path(self.workdir) / UNRESTORABLE
+        if jax.process_index() == 0:
+            dest.mkdir(parents=True, exist_ok=True)
+            for s in steps:
+                target, n = dest / str(s), 1
+                while target.exists():
+                    target, n = dest / f"{s}.{n}", n + 1
+                epath.Path(step_dir(self.directory, s)).rename(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("fusion_set_aside")
+        self.mngr.reload()
+        return str(dest)
 
     def restore(self, step: int, abstract_state: dict):
         """(state, data_state, meta) with arrays placed on the shardings of `abstract_state`

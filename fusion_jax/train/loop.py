@@ -16,7 +16,7 @@ from fusion_jax.config import FusionConfig
 from fusion_jax.sharding import logical_shardings, make_mesh, shard_batch
 from fusion_jax.synth import SynthConfig
 from fusion_jax.train import checkpoint as ckpt_lib
-from fusion_jax.train import optim, presets
+from fusion_jax.train import optim, presets, resume
 from fusion_jax.train import step as step_lib
 from fusion_jax.train.data import build_iterator, prepare_synth
 from fusion_jax.train.guards import SkipBudget
@@ -44,11 +44,14 @@ def validate(tc):
     def need(cond, key, msg):
         if not cond:
             raise ValueError(f"config.{key}: {msg}")
-    for k in ("total_steps", "log_every", "checkpoint_every", "init_from", "mesh", "seed"):
+    for k in ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints", "init_from", "mesh", "seed"):
         need(k in tc, k, "missing (required key)")
     need(tc.total_steps == -1 or tc.total_steps > 0, "total_steps", f"must be > 0 or -1, got {tc.total_steps}")
     need(tc.log_every > 0, "log_every", f"must be > 0, got {tc.log_every}")
     need(tc.checkpoint_every > 0, "checkpoint_every", f"must be > 0, got {tc.checkpoint_every}")
+    keep = tc.keep_checkpoints
+    need(isinstance(keep, int) and not isinstance(keep, bool) and keep >= 1, "keep_checkpoints",
+         f"must be an integer >= 1 (2 leaves a fallback when the latest cannot be restored), got {keep!r}")
     need(len(tuple(tc.mesh)) == 3, "mesh", f"must be (data, fsdp, tensor), got {tuple(tc.mesh)}")
     need(tc.grad_accum >= 1, "grad_accum", f"must be >= 1, got {tc.grad_accum}")
     need(tc.global_batch_size % tc.grad_accum == 0, "global_batch_size",
@@ -225,11 +228,12 @@ def prepare_data(tc, workdir: str):
 
 
 def write_run_configs(tc, cfg: FusionConfig, workdir: str):
-    """WORKDIR/config.json (the train config) and fusion_config.json (the model that ran)."""
+    """WORKDIR/config.json (the train config) and fusion_config.json (the model that ran), once a resumed
+    run's config has passed the drift check against the saved one (left untouched when it fails)."""
+    changed = resume.check_config_drift(tc, workdir, resolved=True)
     if jax.process_index() != 0:
         return
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(tc.to_json_best_effort(indent=2, sort_keys=True))
+    resume.save_run_config(tc, workdir, keep_old=bool(changed))
     with open(os.path.join(workdir, ckpt_lib.CONFIG), "w") as f:
         f.write(cfg.to_json())
 
@@ -248,11 +252,15 @@ def warm_start(s: Setup, params: dict) -> dict:
 
 
 def init_or_resume(s: Setup, ck, it, workdir: str):
-    """(state, start step): the latest checkpoint of the workdir, else a fresh (warmed-up) init."""
-    latest = ck.latest_step()
-    if latest is not None:
-        state, data_state, _ = ck.restore(latest, s.sharded_abstract_state())
-        it.set_state(data_state)
+    """(state, start step): the newest checkpoint of the workdir that restores, else a fresh (warmed-up)
+    init when it has none."""
+    try:
+        restored = resume.restore_latest_good(ck, s.sharded_abstract_state(), it)
+    except TrainingError:
+        ck.close()   # train() closes it only once the loop starts; a stray manager's threads outlive the run
+        raise
+    if restored is not None:
+        state, latest = restored
         log(f"resumed from {ck.directory}/{latest}")
         return state, int(latest)
     params = None
@@ -306,6 +314,7 @@ def train(tc, workdir: str) -> dict:
     validate(tc)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
+    resume.check_config_drift(tc, workdir, resolved=False)  # before prepare_data writes into the workdir
     t_setup = time.time()
     tokenizer = prepare_data(tc, workdir)
     s = Setup(tc, workdir, vocab_size=tokenizer.vocab_size)
