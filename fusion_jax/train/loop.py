@@ -53,6 +53,11 @@ def validate(tc):
     need(isinstance(keep, int) and not isinstance(keep, bool) and keep >= 1, "keep_checkpoints",
          f"must be an integer >= 1 (2 leaves a fallback when the latest cannot be restored), got {keep!r}")
     need(len(tuple(tc.mesh)) == 3, "mesh", f"must be (data, fsdp, tensor), got {tuple(tc.mesh)}")
+    nf, sf = tc.optim.max_nonfinite_steps, tc.data.max_skip_fraction
+    need(isinstance(nf, int) and not isinstance(nf, bool) and nf >= 0, "optim.max_nonfinite_steps",
+         f"must be an integer >= 0 (0: stop at the first NaN/Inf step), got {nf!r}")
+    need(isinstance(sf, (int, float)) and not isinstance(sf, bool) and 0 <= sf <= 1, "data.max_skip_fraction",
+         f"must be in [0, 1], got {sf!r}")
     need(tc.grad_accum >= 1, "grad_accum", f"must be >= 1, got {tc.grad_accum}")
     need(tc.global_batch_size % tc.grad_accum == 0, "global_batch_size",
          f"{tc.global_batch_size} not divisible by grad_accum={tc.grad_accum}")
