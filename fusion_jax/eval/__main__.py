@@ -1,5 +1,8 @@
 """python -m fusion_jax.eval: answer model_vqa questions, then score them when gold exists.
 
+The paper's benchmarks (`fusion_jax.eval.bench_cli`): `--list`, `run --benchmark NAME ...`,
+`score --benchmark NAME ...`, `convert --benchmark NAME ...`. Generic model_vqa files:
+
     python -m fusion_jax.eval --ckpt DIR --questions Q.jsonl --image-folder DIR --out answers.jsonl \\
         [--gold GOLD.jsonl] [--summary S.json] [--batch-size 8] [--limit N] [generation options]
     python -m fusion_jax.eval score --pred answers.jsonl --gold GOLD.jsonl [--summary S.json]
@@ -56,8 +59,13 @@ def score_main(argv) -> int:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    from fusion_jax.eval import bench_cli
     if argv and argv[0] == "score":
-        return score_main(argv[1:])
+        return bench_cli.bench_score_main(argv[1:]) if "--benchmark" in argv else score_main(argv[1:])
+    if argv and argv[0] in ("run", "convert"):
+        return (bench_cli.run_main if argv[0] == "run" else bench_cli.convert_main)(argv[1:])
+    if argv[:1] == ["--list"]:
+        return bench_cli.list_main()
     from fusion_jax.generate.cli import add_generation_args, generation_config, load_for_cli
     ap = argparse.ArgumentParser(prog="python -m fusion_jax.eval", description=__doc__.splitlines()[0])
     add_generation_args(ap)

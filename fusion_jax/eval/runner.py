@@ -47,10 +47,10 @@ def run_eval(model, tokenizer, questions, *, image_folder: str | None, gcfg=None
         chunk = questions[start:start + batch_size]
         reqs = []
         for line in chunk:
-            img = None
-            if line.get("image"):
-                img = resolve_image_path(image_folder, line["image"])
-            reqs.append({"question": line["text"], "image": img})
+            img = line.get("image")       # a path relative to image_folder, a PIL image, or None
+            if isinstance(img, str):
+                img = resolve_image_path(image_folder, img) if img else None
+            reqs.append({"question": line["text"], "image": img, "instructs": line.get("instructs")})
         if len(reqs) < batch_size and start > 0:       # keep the compiled shape
             reqs += [reqs[-1]] * (batch_size - len(reqs))
         try:

@@ -55,12 +55,14 @@ def render_prompt(template, turns) -> str:
 
 
 def encode_request(tokenizer, template, turns, *, has_image: bool = True,
-                   convention: str = "eval") -> dict:
+                   convention: str = "eval", instructs: str | None = None) -> dict:
     """(question, answer) turns (last answer None) -> input_ids, labels, instructs, prompt.
 
     The first question gets the image tag when `has_image`. labels is None for the eval
     convention; for "chat", INSTRUCT_INDEX sits on the last prompt token of every turn
-    (what `fusion/serve/cli.py` passes).
+    (what `fusion/serve/cli.py` passes). `instructs`, when given, is the text the vision tower
+    reads instead of the questions (some reference benchmark scripts pass their own: MMMU the
+    whole rendered prompt, ScienceQA the question even without an image).
     """
     from fusion_jax.data.templates import strip_tags, tokenize_prompt
     if convention not in CONVENTIONS:
@@ -78,11 +80,12 @@ def encode_request(tokenizer, template, turns, *, has_image: bool = True,
             sub = turns[:k] + [(turns[k][0], None)]
             n = tokenize_prompt(tokenizer, render_prompt(template, sub))[0].shape[0]
             labels[min(n, ids.shape[0]) - 1] = INSTRUCT_INDEX
-    # serve/cli.py: user messages concatenated, then tags stripped (eval: one question)
-    instructs = np.asarray(tokenizer(strip_tags("".join(q for q, _ in turns))), np.int64) if has_image else None
-    if instructs is None or instructs.size == 0:
-        instructs = np.zeros(1, np.int64)
-    return {"prompt": prompt, "input_ids": ids, "labels": labels, "instructs": instructs}
+    if instructs is None and has_image:  # serve/cli.py: user messages concatenated, tags stripped
+        instructs = strip_tags("".join(q for q, _ in turns))
+    ins = np.asarray(tokenizer(instructs), np.int64) if instructs is not None else None
+    if ins is None or ins.size == 0:
+        ins = np.zeros(1, np.int64)
+    return {"prompt": prompt, "input_ids": ids, "labels": labels, "instructs": ins}
 
 
 def _bucket(n: int, b: int) -> int:
@@ -237,12 +240,14 @@ class GenerationConfig:
 def answer(model, tokenizer, requests, gcfg: GenerationConfig | None = None, *, rng=None,
            return_raw: bool = False):
     """requests: list of dicts {"turns": [(q, a), ..., (q, None)] or "question": str,
-    "image": PIL image / path / None}. Returns the answer strings (and the raw outputs)."""
+    "image": PIL image / path / None, optional "instructs": str (see `encode_request`)}.
+    Returns the answer strings (and the raw outputs)."""
     gcfg = gcfg or GenerationConfig()
     cfg = model.cfg
     tmpl = gcfg.template or default_template(cfg)
     encs = [encode_request(tokenizer, tmpl, r.get("turns") or [(r["question"], None)],
-                           has_image=r.get("image") is not None, convention=gcfg.convention) for r in requests]
+                           has_image=r.get("image") is not None, convention=gcfg.convention,
+                           instructs=r.get("instructs")) for r in requests]
     crops = np.stack([load_image_crops(cfg, r.get("image")) for r in requests])
     pad = int(getattr(tokenizer, "pad_id", 0) or 0)
     lay = layout_padded(cfg, [e["input_ids"] for e in encs], [e["instructs"] for e in encs], crops,
