@@ -6,6 +6,11 @@
 `run_eval` (batched generation with a progress bar) and the scorers in
 `fusion_jax.eval.scorers` (multiple-choice letters, normalized short answers,
 per-category summary) are importable.
+
+The paper's benchmarks, built and scored exactly as the reference's scripts do:
+`benchmarks` (readers -> question dicts), `metrics` / `mmmu_metrics` / `evalai` (the reference's
+scorers), `submission` (files for the scoring servers), `bench_cli` (`run`, `score --benchmark`,
+`convert`, `--list`).
 """
 from __future__ import annotations
 
