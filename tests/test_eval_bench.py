@@ -9,9 +9,8 @@ import os
 import pytest
 from PIL import Image
 
-from fusion_jax.data.templates import get_template, strip_tags
 from fusion_jax.eval.benchmarks import BenchmarkFormatError, fill_template_instructs, read_questions
-from fusion_jax.generate.prompts import image_question, render_prompt
+from fusion_jax.generate.prompts import encode_request
 
 REF = os.path.join(os.path.dirname(__file__), "golden", "eval_ref")
 FIX = os.path.join(REF, "fixtures")
@@ -35,11 +34,6 @@ def _questions(bench, **opts):
     return fill_template_instructs(qs, "phi_3")
 
 
-def _our_prompt(q) -> str:
-    text = image_question(q["text"]) if q["image"] is not None else q["text"]
-    return render_prompt(get_template("phi_3"), [(text, None)])
-
-
 def _image_size(q):
     img = q["image"]
     if isinstance(img, str):
@@ -59,14 +53,23 @@ def _ref_images(log):
     return out
 
 
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    from fusion_jax.data.testing import make_tokenizer_folder
+    from fusion_jax.data.tokenizer import load_tokenizer
+    return load_tokenizer(make_tokenizer_folder(str(tmp_path_factory.mktemp("tok"))))
+
+
 @pytest.mark.parametrize("name,bench,opts", CASES)
-def test_prompts_match_the_reference(name, bench, opts):
-    rec = PROMPTS[name]
+def test_prompts_match_the_reference(tok, name, bench, opts):
+    """Through `encode_request` as `run_eval` calls it: prompt text and instruct ids."""
+    log = PROMPTS[name]["log"]
     qs = _questions(bench, **opts)
-    log = rec["log"]
-    assert [_our_prompt(q) for q in qs] == log["prompts"]
-    assert [q["instructs"] if q["instructs"] is not None else strip_tags(image_question(q["text"]))
-            for q in qs] == log["instructs"]
+    encs = [encode_request(tok, "phi_3", [(q["text"], None)], has_image=q["image"] is not None,
+                           instructs=q["instructs"]) for q in qs]
+    assert [e["prompt"] for e in encs] == log["prompts"]
+    for e, text in zip(encs, log["instructs"], strict=True):
+        assert e["instructs"].tolist() == tok(text)
     assert [q["max_new_tokens"] for q in qs] == log["max_new_tokens"]
     sizes = _ref_images(log["images"])
     for q, size in zip(qs, sizes, strict=True):
@@ -89,6 +92,14 @@ def test_answer_records_match_the_reference(name, bench, opts):
         assert ours["prompt"] == theirs["prompt"]
         for k in EXTRA.get(name, ()):
             assert ours[k] == theirs[k], k
+
+
+def test_instructs_override(tok):
+    """A text-only question keeps the instructs its benchmark gives (ScienceQA, CV-Bench); without
+    one it reads nothing ([0]), as before."""
+    enc = encode_request(tok, "phi_3", [("Which word?", None)], has_image=False, instructs="Which word?")
+    assert enc["instructs"].tolist() == tok("Which word?")
+    assert encode_request(tok, "phi_3", [("Which word?", None)], has_image=False)["instructs"].tolist() == [0]
 
 
 def test_mmmu_prompt_config_is_the_reference_yaml():
