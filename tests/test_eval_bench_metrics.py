@@ -107,9 +107,7 @@ def test_cvbench_and_mmvp(capsys, tmp_path):
 
 def _mmmu_rows():
     ref = [json.loads(x) for x in open(_answers("mmmu"), encoding="utf-8")]
-    ours = [{"question_id": r["id"], "text": r["response"], "question_type": r["question_type"],
-             "answer": r["answer"], "options": list(r.get("index2ans", {}).values())} for r in ref]
-    return ref, ours
+    return ref, read_answers(_answers("mmmu"))      # run_fusion's records read as model_vqa ones
 
 
 def test_mmmu_parsing_and_accuracy():
@@ -124,7 +122,7 @@ def test_mmmu_parsing_and_accuracy():
         else:
             assert sorted(map(str, parse_open(r["response"]))) == sorted(map(str, r["parsed_pred"])), r["id"]
     mm = json.load(open(os.path.join(REF, "recorded", "prompts.json"), encoding="utf-8"))["mmmu"]
-    res = score_mmmu(ours, {a["question_id"]: a for a in ours}, fallback=middle)
+    res = score_mmmu(ours, {a["question_id"]: {"options": [], **a} for a in ours}, fallback=middle)
     assert res["accuracy"] == pytest.approx(mm["overall"]["acc"], abs=1e-9)
     for subj, m in mm["subjects"].items():
         assert res["subjects"][subj]["accuracy"] == pytest.approx(m["acc"], abs=1e-9)

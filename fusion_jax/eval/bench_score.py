@@ -12,9 +12,20 @@ SCORED = ("pope", "textvqa", "scienceqa", "cvbench", "mmvp", "mmmu")
 CONVERTED = ("mmbench", "mmbench_cn", "vizwiz", "vqav2", "gqa", "mmvet", "seed")
 
 
+def _from_mmmu_reference(rec: dict) -> dict:
+    """MMMU run_fusion.py's own records (id, response, index2ans) in the model_vqa names."""
+    if "question_id" in rec or not {"id", "response"} <= rec.keys():
+        return rec
+    out = {**rec, "question_id": rec["id"], "text": rec["response"]}
+    if isinstance(rec.get("index2ans"), dict):
+        out["options"] = list(rec["index2ans"].values())
+    return out
+
+
 def read_answers(path) -> list:
     rows = []
     for n, rec in jsonl_records(path):
+        rec = _from_mmmu_reference(rec)
         for key, types in (("question_id", (str, int)), ("text", (str,))):
             if not isinstance(rec.get(key), types):
                 raise BenchmarkFormatError(path, n, key, "missing or not a " + "/".join(t.__name__ for t in types))
@@ -74,8 +85,9 @@ def _scienceqa(answers, a) -> dict:
 
 def _mmmu(answers, a) -> dict:
     from fusion_jax.eval.mmmu_metrics import score_mmmu
-    keys = ("question_type", "answer", "options")
-    if all(all(k in x for k in keys) for x in answers):
+    def has_gold(x):
+        return "question_type" in x and "answer" in x and ("options" in x or x["question_type"] != "multiple-choice")
+    if all(has_gold(x) for x in answers):
         golds = {x["question_id"]: x for x in answers}
     else:
         qs = read_questions("mmmu", _need(a.questions, "--questions", "mmmu", "the MMMU data, for the gold answers"),
