@@ -176,6 +176,9 @@ class _BinFile:
     def __init__(self, path):
         import torch
         self.path = path
+        if "://" in str(path):  # torch memory-maps a local file only
+            raise CheckpointError(f"{path}: pytorch_model*.bin is read from local folders only; convert "
+                                  f"it to safetensors or copy the folder to a local disk")
         self.sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         self.entries = self.sd
         self.metadata = {}

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from fusion_jax import paths
 from fusion_jax.train.metrics import TrainingError, log
 
 RUN_CONFIG = "config.json"
@@ -109,15 +110,13 @@ def check_config_drift(tc, workdir: str, *, resolved: bool = True) -> list[str]:
 
 
 def save_run_config(tc, workdir: str, *, keep_old: bool):
-    """Write WORKDIR/config.json whole (temp file, then rename); `keep_old`: the replaced one is kept as
-    config.replaced-<UTC time>.json (an allowed config change)."""
+    """Write WORKDIR/config.json whole (temp file then rename; one upload on a bucket); `keep_old`: the
+    replaced one is kept as config.replaced-<UTC time>.json (an allowed config change)."""
     wd = epath.Path(workdir)
     path = wd / RUN_CONFIG
     if keep_old and path.exists():
         path.rename(wd / f"config.replaced-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}.json")
-    tmp = wd / (RUN_CONFIG + ".tmp")
-    tmp.write_text(tc.to_json_best_effort(indent=2, sort_keys=True))
-    tmp.replace(path)
+    paths.write_text_atomic(path, tc.to_json_best_effort(indent=2, sort_keys=True))
 
 
 # ----------------------------------------------------------------------------- checkpoints
