@@ -192,5 +192,12 @@ def test_training_checkpoint_resume_and_convert_on_a_gcs_bucket(gcs, compile_cac
     for n in ours.names:
         np.testing.assert_array_equal(back.get(n), ours.get(n), err_msg=n)
 
+    # evaluation outputs: the answers file helpers write and read a bucket object
+    from fusion_jax.eval.runner import read_jsonl, write_jsonl
+    rows = [{"question_id": i, "text": f"answer {i}"} for i in range(3)]
+    write_jsonl(f"gs://{BUCKET}/eval/answers.jsonl", rows)
+    assert [json.loads(x) for x in _download(gcs, "eval/answers.jsonl").decode().splitlines()] == rows
+    assert read_jsonl(f"gs://{BUCKET}/eval/answers.jsonl") == rows
+
     assert not (tmp_path / "gs:").exists() and not os.path.exists("gs:")
     assert not os.path.exists(os.path.join(os.path.dirname(os.path.dirname(__file__)), "gs:"))
