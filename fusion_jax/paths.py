@@ -17,9 +17,10 @@ def is_url(path) -> bool:
 
 
 def absolute(path) -> str:
-    """A local path made absolute; a URL unchanged (pathlib would turn gs://b into ./gs:/b)."""
+    """A local path made absolute and normalized; a URL unchanged (os.path.abspath and pathlib would
+    both turn gs://b into ./gs:/b). The one place where a local path meets os.path."""
     path = os.fspath(path)
-    return path.rstrip("/") if is_url(path) else str(epath.Path(path).absolute())
+    return path.rstrip("/") if is_url(path) else os.path.abspath(path)
 
 
 def join(*parts) -> str:
@@ -41,6 +42,8 @@ def exists(path) -> bool:
 def copy_tree(src, dst, *, overwrite: bool = True):
     """Copy a folder (files and subfolders) between any two epath locations, local or cloud."""
     src, dst = epath.Path(src), epath.Path(dst)
+    if not is_url(src) and not is_url(dst) and dst.exists() and os.path.samefile(src, dst):
+        return  # copying a folder onto itself would truncate its files
     dst.mkdir(parents=True, exist_ok=True)
     for p in src.iterdir():
         if p.is_dir():

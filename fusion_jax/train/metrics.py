@@ -42,7 +42,7 @@ def fmt_time(s: float) -> str:
 
 def read_metrics(path: str) -> list[dict]:
     """The records of metrics.jsonl in step order, the last one per step: a resumed run appends the
-    steps after its checkpoint again (the file is never rewritten). Lines that are not JSON (a line
+    steps after its checkpoint again (no record is ever changed or removed). Lines that are not JSON (a line
     torn by a crash) are left out."""
     last = {}
     for line in epath.Path(path).read_bytes().splitlines():
