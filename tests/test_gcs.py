@@ -88,7 +88,8 @@ def gcs(tmp_path_factory):
     proc, url = _start_emulator(str(tmp_path_factory.mktemp("emu") / "fake-gcs-server.log"))
     _api(url, "/storage/v1/b?project=test", {"name": BUCKET})
     env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
-           "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}   # no zonal-bucket probe (a gRPC API the emulator lacks)
+           # gcsfs's documented opt-out of its bucket-type probe (a gRPC control API the emulator lacks)
+           "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     yield url
