@@ -20,7 +20,7 @@ from ml_collections import config_flags
 HERE = os.path.dirname(os.path.abspath(__file__))
 config_flags.DEFINE_config_file("config", os.path.join(HERE, "configs", "tiny.py"),
                                 "ml_collections config file", lock_config=True)
-flags.DEFINE_string("workdir", None, "output directory (default: runs/<config name>)")
+flags.DEFINE_string("workdir", None, "output directory, a local path or a gs:// URL (default: runs/<config name>)")
 FLAGS = flags.FLAGS
 
 

@@ -1,8 +1,6 @@
 """FUSION multimodal LLM in JAX / Flax NNX. Imports are lazy: `import fusion_jax` is cheap."""
 from __future__ import annotations
 
-import os
-
 
 def from_pretrained(path: str, *, mesh=None, shardings=None, dtype=None, **overrides):
     """A `FusionForCausalLM` from a converted Orbax folder (has fusion_config.json) or a
@@ -12,7 +10,8 @@ def from_pretrained(path: str, *, mesh=None, shardings=None, dtype=None, **overr
     from fusion_jax.convert.orbax_io import is_orbax_dir, load_orbax_model
     if is_orbax_dir(path):
         return load_orbax_model(path, mesh=mesh, shardings=shardings, dtype=dtype, **overrides)
-    if os.path.isfile(os.path.join(path, "config.json")):
+    from etils import epath  # a local folder or a gs:// URL
+    if (epath.Path(path) / "config.json").is_file():
         from fusion_jax import hf_io
         return hf_io.from_pretrained(path, mesh=mesh, shardings=shardings, dtype=dtype, **overrides)
     raise FileNotFoundError(f"{path}: neither an Orbax folder (fusion_config.json + params/) "

@@ -7,7 +7,6 @@ optionally `vision_config.json`, and `model.safetensors` or shards listed in
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterable
 
 import jax.numpy as jnp
@@ -20,16 +19,13 @@ from fusion_jax.param_map import Row, hf_shape, param_table, to_ours
 
 
 def read_config(folder: str, **overrides) -> FusionConfig:
-    path = os.path.join(folder, "config.json")
-    if not os.path.exists(path):
+    from etils import epath  # a local folder or a gs:// URL
+    path = epath.Path(folder) / "config.json"
+    if not path.exists():
         raise CheckpointError(f"{folder}: no config.json")
-    with open(path) as f:
-        d = json.load(f)
-    vpath = os.path.join(folder, "vision_config.json")
-    vision = None
-    if os.path.exists(vpath):
-        with open(vpath) as f:
-            vision = vision_config_from_hf(json.load(f))
+    d = json.loads(path.read_text())
+    vpath = epath.Path(folder) / "vision_config.json"
+    vision = vision_config_from_hf(json.loads(vpath.read_text())) if vpath.exists() else None
     try:
         cfg = from_hf_config(d, vision)
     except ValueError as e:

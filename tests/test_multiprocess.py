@@ -9,7 +9,8 @@ differently), and each step's data shards are disjoint and together are exactly 
 single-process global batch.
 
 Coordinated preemption: two processes train into one workdir; SIGTERM reaches one of them only;
-both stop at the same step with one checkpoint, and a rerun resumes on both.
+both stop at the same step with one checkpoint, and a rerun resumes on both. Then the latest
+checkpoint is torn for one process only: both fall back to the previous step.
 """
 from __future__ import annotations
 
@@ -215,6 +216,18 @@ def test_sigterm_on_one_host_stops_both_at_one_step(tmp_path):
     assert b0 == b1 == {"start_step": stop, "step": stop + 2, "stopped": "stop_after"}, (b0, b1)
     assert [r["step"] for r in read_metrics(metrics)] == list(range(1, stop + 3))
     assert not glob.glob(os.path.join(wd, "**", "*orbax-checkpoint-tmp*"), recursive=True)
+    # Multi-host fallback: only process 1's data-iterator state of the latest step is torn; process 0
+    # restores that step fine, yet both agree to fall back to the previous step.
+    latest = stop + 2
+    assert sorted(int(d) for d in os.listdir(ckpt) if d.isdigit()) == [stop, latest]
+    with open(os.path.join(ckpt, str(latest), "data", "process_1-of-2.json"), "r+b") as f:
+        f.truncate(5)
+    c0, c1 = _finish(run("c", 1), 300)
+    assert c0 == c1 == {"start_step": stop, "step": stop + 1, "stopped": "stop_after"}, (c0, c1)
+    log0 = open(tmp_path / "logc_2_0.txt").read()
+    assert f"checkpoint {ckpt}/{latest} cannot be restored (failed on another process)" in log0, log0[-3000:]
+    assert f"resumed from {ckpt}/{stop}" in log0
+    assert os.listdir(os.path.join(wd, "unrestorable_checkpoints")) == [str(latest)]
 
 
 if __name__ == "__main__":

@@ -5,11 +5,11 @@ Both directions read the one mapping table, `fusion_jax.param_map.param_table`.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 
 import numpy as np
+from etils import epath
 
+from fusion_jax import paths
 from fusion_jax.config import FusionConfig, tower_from_name
 from fusion_jax.convert import orbax_io as oio
 from fusion_jax.convert.st_io import CheckpointError, SafeReader, ShardedWriter, cast_checked, is_float, np_dtype
@@ -102,12 +102,12 @@ def to_orbax(src: str, dst: str, *, dtype=None, force=False, log=print):
 
 
 def _write_side_files(src, tmp, cfg):
-    with open(os.path.join(tmp, oio.CONFIG), "w") as f:
-        f.write(cfg.to_json())
-    shutil.copy2(os.path.join(src, "config.json"), os.path.join(tmp, oio.HF_CONFIG))
-    if os.path.isfile(os.path.join(src, "vision_config.json")):
-        shutil.copy2(os.path.join(src, "vision_config.json"), os.path.join(tmp, oio.HF_VISION_CONFIG))
-    copy_tokenizer(src, os.path.join(tmp, oio.TOKENIZER))
+    src, tmp = epath.Path(src), epath.Path(tmp)
+    (tmp / oio.CONFIG).write_text(cfg.to_json())
+    (src / "config.json").copy(tmp / oio.HF_CONFIG, overwrite=True)
+    if (src / "vision_config.json").is_file():
+        (src / "vision_config.json").copy(tmp / oio.HF_VISION_CONFIG, overwrite=True)
+    copy_tokenizer(src, tmp / oio.TOKENIZER)
 
 
 # ----------------------------------------------------------------------------- Orbax -> HF
@@ -136,7 +136,7 @@ def to_hf(src: str, dst: str, *, max_shard_size="5GB", dtype=None, force=False, 
                 bar.update(int(np.prod(shp, dtype=np.int64)) * np.dtype(dt).itemsize)
         w.close()
         write_hf_configs(src, tmp, cfg, torch_dtype=(str(dtype) if dtype else None))
-        copy_tokenizer(os.path.join(src, oio.TOKENIZER), tmp)
+        copy_tokenizer(paths.join(src, oio.TOKENIZER), tmp)
     log(f"wrote {dst}: {len(plan)} tensors in {len(w.names)} file(s)")
     return dst
 
@@ -147,25 +147,21 @@ def out_dtype(dt, dt_out):
 
 
 def write_hf_configs(src, tmp, cfg, torch_dtype=None):
-    stored = os.path.join(src, oio.HF_CONFIG)
-    if os.path.isfile(stored) and torch_dtype is None:
-        shutil.copy2(stored, os.path.join(tmp, "config.json"))
+    src, tmp = epath.Path(src), epath.Path(tmp)
+    stored = src / oio.HF_CONFIG
+    if stored.is_file() and torch_dtype is None:
+        stored.copy(tmp / "config.json", overwrite=True)
     else:
-        base = None
-        if os.path.isfile(stored):
-            with open(stored) as f:
-                base = json.load(f)
+        base = json.loads(stored.read_text()) if stored.is_file() else None
         d = synth_hf_config(cfg, base)
         if torch_dtype:
             d["torch_dtype"] = torch_dtype
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(d, f, indent=2, sort_keys=True)
-    vstored = os.path.join(src, oio.HF_VISION_CONFIG)
-    if os.path.isfile(vstored):
-        shutil.copy2(vstored, os.path.join(tmp, "vision_config.json"))
+        (tmp / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True))
+    vstored = src / oio.HF_VISION_CONFIG
+    if vstored.is_file():
+        vstored.copy(tmp / "vision_config.json", overwrite=True)
     elif not known_tower(cfg):
-        with open(os.path.join(tmp, "vision_config.json"), "w") as f:
-            json.dump(vision_hf_config(cfg), f, indent=2, sort_keys=True)
+        (tmp / "vision_config.json").write_text(json.dumps(vision_hf_config(cfg), indent=2, sort_keys=True))
 
 
 def known_tower(cfg):

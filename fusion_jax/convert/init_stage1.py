@@ -12,11 +12,11 @@ What the reference does at the start of training, reproduced tensor by tensor:
 from __future__ import annotations
 
 import json
-import os
-import shutil
 
 import numpy as np
+from etils import epath
 
+from fusion_jax import paths
 from fusion_jax.config import KNOWN_TOWERS, FusionConfig, llm_config_from_hf, vision_config_from_hf
 from fusion_jax.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN
 from fusion_jax.convert import orbax_io as oio
@@ -72,8 +72,7 @@ def _load_overrides(config) -> dict:
     if config is None:
         return {}
     if isinstance(config, str):
-        with open(config) as f:
-            config = json.load(f)
+        config = json.loads(epath.Path(config).read_text())
     out = {}
     fields = set(FusionConfig.__dataclass_fields__) - {"llm", "vision"}
     for k, v in config.items():
@@ -88,7 +87,7 @@ def _tower_name(vcfg, vision_dir, vjson):
     for key, known in KNOWN_TOWERS.items():
         if known == vcfg:
             return f"google/{key}"
-    name = vjson.get("_name_or_path") or os.path.basename(os.path.abspath(vision_dir))
+    name = vjson.get("_name_or_path") or epath.Path(paths.absolute(vision_dir)).name
     return name
 
 
@@ -99,25 +98,24 @@ def extend_tokenizer(llm_dir: str, out_dir: str):
     files = tokenizer_files(llm_dir)
     if "tokenizer.json" in files:
         import tokenizers
-        tok = tokenizers.Tokenizer.from_file(os.path.join(llm_dir, "tokenizer.json"))
+        tok = tokenizers.Tokenizer.from_str((epath.Path(llm_dir) / "tokenizer.json").read_text())
         n0 = tok.get_vocab_size(with_added_tokens=True)
         missing = [t for t in NEW_TOKENS if tok.token_to_id(t) is None]
         tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in missing])
-        os.makedirs(out_dir, exist_ok=True)
+        out = epath.Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
         for f in files:
             if f != "tokenizer.json":
-                shutil.copy2(os.path.join(llm_dir, f), os.path.join(out_dir, f))
-        tok.save(os.path.join(out_dir, "tokenizer.json"))
-        tc = os.path.join(out_dir, "tokenizer_config.json")
-        if os.path.isfile(tc) and missing:
-            with open(tc) as f:
-                d = json.load(f)
+                (epath.Path(llm_dir) / f).copy(out / f, overwrite=True)
+        (out / "tokenizer.json").write_text(tok.to_str(pretty=True))
+        tc = out / "tokenizer_config.json"
+        if tc.is_file() and missing:
+            d = json.loads(tc.read_text())
             dec = d.setdefault("added_tokens_decoder", {})
             for t in missing:
                 dec[str(tok.token_to_id(t))] = {"content": t, "lstrip": False, "normalized": False,
                                                 "rstrip": False, "single_word": False, "special": True}
-            with open(tc, "w") as f:
-                json.dump(d, f, indent=2, ensure_ascii=False)
+            tc.write_text(json.dumps(d, indent=2, ensure_ascii=False))
         return n0, [tok.token_to_id(t) for t in NEW_TOKENS]
     if not has_tokenizer(llm_dir):
         return None, None
@@ -167,8 +165,7 @@ def fresh_params(cfg: FusionConfig, names, seed: int):
 
 
 def _read_llm_config(llm_dir: str):
-    with open(os.path.join(llm_dir, "config.json")) as f:
-        ljson = normalize_llm_config(json.load(f))
+    ljson = normalize_llm_config(json.loads((epath.Path(llm_dir) / "config.json").read_text()))
     family = FAMILIES.get(ljson.get("model_type"))
     if family is None:
         raise CheckpointError(f"{llm_dir}/config.json: model_type={ljson.get('model_type')!r}, "
@@ -225,17 +222,14 @@ def _write_hf_side_configs(tmp: str, cfg: FusionConfig, ljson: dict, dt_out):
     base = {k: v for k, v in ljson.items() if k not in drop}
     base["torch_dtype"] = (str(dt_out) if dt_out is not None
                            else str(ljson.get("torch_dtype") or ljson.get("dtype") or "float32"))
-    with open(os.path.join(tmp, oio.HF_CONFIG), "w") as f:
-        json.dump(synth_hf_config(cfg, base), f, indent=2, sort_keys=True)
+    (epath.Path(tmp) / oio.HF_CONFIG).write_text(json.dumps(synth_hf_config(cfg, base), indent=2, sort_keys=True))
     if not known_tower(cfg):
-        with open(os.path.join(tmp, oio.HF_VISION_CONFIG), "w") as f:
-            json.dump(vision_hf_config(cfg), f, indent=2, sort_keys=True)
+        (epath.Path(tmp) / oio.HF_VISION_CONFIG).write_text(json.dumps(vision_hf_config(cfg), indent=2, sort_keys=True))
 
 
 def init_stage1(vision_dir: str, llm_dir: str, dst: str, *, config=None, dtype=None, seed: int = 0,
                 force: bool = False, log=print):
-    with open(os.path.join(vision_dir, "config.json")) as f:
-        vjson = json.load(f)
+    vjson = json.loads((epath.Path(vision_dir) / "config.json").read_text())
     vcfg = vision_config_from_hf(vjson)
     ljson, family = _read_llm_config(llm_dir)
     vreader, lreader = SafeReader(vision_dir), SafeReader(llm_dir)
@@ -243,7 +237,7 @@ def init_stage1(vision_dir: str, llm_dir: str, dst: str, *, config=None, dtype=N
     resized = {"model.embed_tokens.weight", "lm_head.weight"}
 
     with staged_dir(dst, force) as tmp:
-        tok_len, n_vocab = _vocab(llm_dir, os.path.join(tmp, oio.TOKENIZER), ljson["vocab_size"], log)
+        tok_len, n_vocab = _vocab(llm_dir, paths.join(tmp, oio.TOKENIZER), ljson["vocab_size"], log)
         llm = llm_config_from_hf({**ljson, "vocab_size": n_vocab}, family)
         over = _load_overrides(config)
         over.setdefault("mm_vision_tower", _tower_name(vcfg, vision_dir, vjson))
@@ -277,8 +271,7 @@ def init_stage1(vision_dir: str, llm_dir: str, dst: str, *, config=None, dtype=N
                 rd, sn = src[r.hf_names()[0]]
                 write_row(w, r, shapes[r.ours], out_dtype(rd.dtype(sn), dt_out), read, bar)
         w.finish()
-        with open(os.path.join(tmp, oio.CONFIG), "w") as f:
-            f.write(cfg.to_json())
+        (epath.Path(tmp) / oio.CONFIG).write_text(cfg.to_json())
         _write_hf_side_configs(tmp, cfg, ljson, dt_out)
     log(f"wrote {dst}: vision {vcfg.num_layers}/{vcfg.num_hidden_layers} SigLIP layers (dropped {len(dropped_v)} "
         f"tensors), LLM {llm.family} {llm.num_hidden_layers} layers, fresh {len(fresh_rows)} parameters")

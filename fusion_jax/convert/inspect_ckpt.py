@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
+from etils import epath
 
 from fusion_jax.convert import orbax_io as oio
 from fusion_jax.convert.st_io import SafeReader, np_dtype
@@ -34,7 +34,6 @@ def inspect_dir(path: str, out=print) -> dict:
     out(f"{kind} folder {path}: {len(rows)} tensors, {total / 2**20:.1f} MiB")
     if cfg is not None:
         out(cfg.to_json())
-    elif os.path.isfile(os.path.join(path, "config.json")):
-        with open(os.path.join(path, "config.json")) as f:
-            out(json.dumps(json.load(f), indent=2))
+    elif (epath.Path(path) / "config.json").is_file():
+        out(json.dumps(json.loads((epath.Path(path) / "config.json").read_text()), indent=2))
     return {"kind": kind, "tensors": rows, "config": cfg, "total_bytes": total}

@@ -19,11 +19,12 @@ sharding; `restore_params_tree` below does that from an abstract target.
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import numpy as np
+from etils import epath
 
+from fusion_jax import paths
 from fusion_jax.convert.st_io import cast_checked, is_float, np_dtype
 
 PARAMS = "params"
@@ -36,7 +37,12 @@ _TS_CONTEXT = {"cache_pool": {"total_bytes_limit": 0}, "file_io_concurrency": {"
 
 
 def is_orbax_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, CONFIG)) and os.path.isdir(os.path.join(path, PARAMS))
+    return paths.isfile(paths.join(path, CONFIG)) and paths.isdir(paths.join(path, PARAMS))
+
+
+def _kvstore(path: str):
+    """TensorStore's kvstore for a local folder or a gs:// URL (its gcs driver)."""
+    return path.rstrip("/") + "/" if paths.is_url(path) else {"driver": "file", "path": path}
 
 
 def _zarr_dtype(dt: np.dtype) -> str:
@@ -60,8 +66,8 @@ class ParamWriter:
     def __init__(self, folder: str):
         import tensorstore as ts
         self.ts = ts
-        self.dir = os.path.join(folder, PARAMS)
-        os.makedirs(self.dir, exist_ok=True)
+        self.dir = paths.join(folder, PARAMS)
+        epath.Path(self.dir).mkdir(parents=True, exist_ok=True)
         self.ctx = ts.Context(_TS_CONTEXT)
         self.meta = {}        # dotted name -> (shape, chunk)
 
@@ -71,7 +77,7 @@ class ParamWriter:
         chunk = [max(c, 1) for c in _chunk_shape(shape, dt.itemsize, stacked)]
         spec = {
             "driver": "zarr3",
-            "kvstore": {"driver": "file", "path": os.path.join(self.dir, name)},
+            "kvstore": _kvstore(paths.join(self.dir, name)),
             "metadata": {
                 "shape": list(shape), "data_type": _zarr_dtype(dt),
                 "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk}},
@@ -97,16 +103,15 @@ class ParamWriter:
                                               "ext_metadata": None}})
         meta = {"tree_metadata": tree, "use_ocdbt": False, "use_zarr3": True,
                 "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
-        with open(os.path.join(self.dir, "_METADATA"), "w") as f:
-            json.dump(meta, f)
-        os.makedirs(os.path.join(self.dir, "array_metadatas"), exist_ok=True)
-        with open(os.path.join(self.dir, "array_metadatas", "process_0"), "w") as f:
-            json.dump({"array_metadatas": arrays}, f)
+        d = epath.Path(self.dir)
+        (d / "_METADATA").write_text(json.dumps(meta))
+        (d / "array_metadatas").mkdir(parents=True, exist_ok=True)
+        (d / "array_metadatas" / "process_0").write_text(json.dumps({"array_metadatas": arrays}))
         now = time.time_ns()
-        with open(os.path.join(self.dir, "_CHECKPOINT_METADATA"), "w") as f:
-            json.dump({"item_handlers": "orbax.checkpoint._src.handlers.pytree_checkpoint_handler."
-                       "PyTreeCheckpointHandler", "metrics": {}, "performance_metrics": {},
-                       "init_timestamp_nsecs": now, "commit_timestamp_nsecs": now, "custom_metadata": {}}, f)
+        (d / "_CHECKPOINT_METADATA").write_text(json.dumps({
+            "item_handlers": "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler",
+            "metrics": {}, "performance_metrics": {}, "init_timestamp_nsecs": now, "commit_timestamp_nsecs": now,
+            "custom_metadata": {}}))
 
 
 class ParamReader:
@@ -115,9 +120,8 @@ class ParamReader:
     def __init__(self, folder: str):
         import tensorstore as ts
         self.ts = ts
-        self.dir = os.path.join(folder, PARAMS)
-        with open(os.path.join(self.dir, "_METADATA")) as f:
-            meta = json.load(f)
+        self.dir = paths.join(folder, PARAMS)
+        meta = json.loads((epath.Path(self.dir) / "_METADATA").read_text())
         self.names = [".".join(k["key"] for k in v["key_metadata"]) for v in meta["tree_metadata"].values()]
         self.ctx = ts.Context(_TS_CONTEXT)
         self._open = {}
@@ -126,7 +130,7 @@ class ParamReader:
         if name not in self._open:
             if name not in self.names:
                 raise KeyError(name)
-            spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": os.path.join(self.dir, name)}}
+            spec = {"driver": "zarr3", "kvstore": _kvstore(paths.join(self.dir, name))}
             self._open[name] = self.ts.open(spec, context=self.ctx, open=True, read=True).result()
         return self._open[name]
 
@@ -143,8 +147,7 @@ class ParamReader:
 
 def read_fusion_config(folder: str):
     from fusion_jax.config import FusionConfig
-    with open(os.path.join(folder, CONFIG)) as f:
-        return FusionConfig.from_dict(json.load(f))
+    return FusionConfig.from_dict(json.loads((epath.Path(folder) / CONFIG).read_text()))
 
 
 def nest(flat: dict) -> dict:
@@ -178,7 +181,7 @@ def restore_params_tree(folder: str, abstract: dict) -> dict:
     restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(
         sharding=getattr(s, "sharding", None), dtype=s.dtype, global_shape=s.shape), abstract)
     ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=True))
-    return ckptr.restore(os.path.abspath(os.path.join(folder, PARAMS)),
+    return ckptr.restore(paths.absolute(paths.join(folder, PARAMS)),
                          args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args))
 
 

@@ -22,6 +22,7 @@ from itertools import pairwise
 
 import ml_dtypes
 import numpy as np
+from etils import epath
 
 ST_TO_NP = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -78,8 +79,8 @@ MAX_HEADER_BYTES = 100 * 2**20   # the safetensors library's own cap: a larger h
 class _StFile:
     def __init__(self, path):
         self.path = path
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+        size = epath.Path(path).stat().length
+        with epath.Path(path).open("rb") as f:
             n = _header_len(path, f.read(8), size)
             header = _parse_header(path, f.read(n))
         self.metadata = header.pop("__metadata__", None) or {}
@@ -101,10 +102,11 @@ class _StFile:
         e = self.entries[name]
         a, b = e["data_offsets"]
         dt = ST_TO_NP[e["dtype"]]
-        with open(self.path, "rb") as f:
+        buf = np.empty(b - a, np.uint8)
+        with epath.Path(self.path).open("rb") as f:  # a local file or a gs:// object (ranged read)
             f.seek(self.base + a)
-            buf = np.fromfile(f, dtype=np.uint8, count=b - a)
-        if buf.size != b - a:
+            got = f.readinto(buf) if b > a else 0
+        if got != b - a:
             raise CheckpointError(f"{self.path}: tensor {name} is truncated")
         return buf.view(dt).reshape(e["shape"])
 
@@ -174,6 +176,9 @@ class _BinFile:
     def __init__(self, path):
         import torch
         self.path = path
+        if "://" in str(path):  # torch memory-maps a local file only
+            raise CheckpointError(f"{path}: pytorch_model*.bin is read from local folders only; convert "
+                                  f"it to safetensors or copy the folder to a local disk")
         self.sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         self.entries = self.sd
         self.metadata = {}
@@ -210,8 +215,8 @@ class SafeReader:
         self.files = {}
         self.where = {}
         for fn in files:
-            p = os.path.join(folder, fn)
-            if not os.path.exists(p):
+            p = os.fspath(epath.Path(folder) / fn)
+            if not epath.Path(p).exists():
                 raise CheckpointError(f"{folder}: shard {fn} listed in the index is missing")
             h = _StFile(p) if fn.endswith(".safetensors") else _BinFile(p)
             self.files[fn] = h
@@ -249,15 +254,16 @@ def _weight_files(folder, allow_bin):
     """(file names, (index name, weight_map) or None) of a checkpoint folder."""
     indexes = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
     for idx in indexes if allow_bin else indexes[:1]:
-        if os.path.exists(os.path.join(folder, idx)):
+        if (epath.Path(folder) / idx).exists():
             wmap = _read_index(folder, idx)
             return sorted(set(wmap.values())), (idx, wmap)
-    if os.path.exists(os.path.join(folder, "model.safetensors")):
+    if (epath.Path(folder) / "model.safetensors").exists():
         return ["model.safetensors"], None
-    st = sorted(x for x in os.listdir(folder) if x.endswith(".safetensors"))
+    names = [p.name for p in epath.Path(folder).iterdir()]
+    st = sorted(x for x in names if x.endswith(".safetensors"))
     if st:
         return st, None
-    bins = sorted(x for x in os.listdir(folder) if x.endswith(".bin") and "pytorch_model" in x)
+    bins = sorted(x for x in names if x.endswith(".bin") and "pytorch_model" in x)
     if bins and allow_bin:
         return bins, None
     raise CheckpointError(f"{folder}: no model.safetensors, index, *.safetensors"
@@ -265,10 +271,9 @@ def _weight_files(folder, allow_bin):
 
 
 def _read_index(folder, name) -> dict:
-    path = os.path.join(folder, name)
+    path = os.fspath(epath.Path(folder) / name)
     try:
-        with open(path) as f:
-            wmap = json.load(f)["weight_map"]
+        wmap = json.loads(epath.Path(path).read_text())["weight_map"]
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: not a checkpoint index with a weight_map ({type(e).__name__}: {e})") from None
     if not isinstance(wmap, dict):
@@ -346,7 +351,7 @@ class ShardedWriter:
         header = {"__metadata__": self.metadata, **header}
         hb = json.dumps(header, separators=(",", ":")).encode()
         hb += b" " * (-len(hb) % 8)
-        self._fh = open(os.path.join(self.folder, self.names[self._shard_idx]), "wb")
+        self._fh = (epath.Path(self.folder) / self.names[self._shard_idx]).open("wb")
         self._fh.write(struct.pack("<Q", len(hb)))
         self._fh.write(hb)
         self._left = len(sh)
@@ -373,6 +378,5 @@ class ShardedWriter:
             self._open_next()
         self._fh.close()
         if len(self.names) > 1:
-            with open(os.path.join(self.folder, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.where.items()))},
-                          f, indent=2)
+            (epath.Path(self.folder) / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.where.items()))}, indent=2))

@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
+import tempfile
+
+from etils import epath
+
+from fusion_jax import paths
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "added_tokens.json", "vocab.json", "merges.txt",
@@ -11,33 +15,59 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "preprocessor_config.json")
 
 
+# Top-level files that mark a folder as converted (Orbax, HF): uploaded last to a bucket.
+_MARKERS = ("fusion_config.json", "config.json")
+
+
 @contextlib.contextmanager
 def staged_dir(dst: str, force: bool = False):
-    """Yield a temporary folder beside `dst`; rename it to `dst` only if the body succeeds."""
-    dst = os.path.abspath(dst.rstrip("/"))
-    if os.path.exists(dst):
-        if not os.path.isdir(dst):
+    """Yield a temporary folder that becomes `dst` only if the body succeeds. A local `dst`: the folder
+    is beside it and renamed. A cloud URL (a bucket has no rename): a local temp folder, uploaded at the
+    end with the marker files last, so a half-uploaded folder is never taken for a converted one."""
+    dst = paths.absolute(dst.rstrip("/"))
+    d = epath.Path(dst)
+    if d.exists():
+        if not d.is_dir():
             raise FileExistsError(f"--dst {dst} exists and is not a folder")
-        if os.listdir(dst) and not force:
+        if any(True for _ in d.iterdir()) and not force:
             raise FileExistsError(f"--dst {dst} is not empty; pass --force to overwrite it")
-    parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(dst)}.tmp-{os.getpid()}")
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
+    if paths.is_url(dst):
+        tmp = epath.Path(tempfile.mkdtemp(prefix="fusion_convert_"))
+        try:
+            yield str(tmp)
+            if d.exists():
+                d.rmtree()
+            _upload(tmp, d)
+        finally:
+            tmp.rmtree()
+        return
+    d.parent.mkdir(parents=True, exist_ok=True)
+    tmp = d.parent / f".{d.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        tmp.rmtree()
+    tmp.mkdir()
     try:
-        yield tmp
+        yield str(tmp)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.rmtree(missing_ok=True)
         raise
     old = None
-    if os.path.exists(dst):
-        old = os.path.join(parent, f".{os.path.basename(dst)}.old-{os.getpid()}")
-        os.rename(dst, old)
-    os.rename(tmp, dst)
+    if d.exists():
+        old = d.parent / f".{d.name}.old-{os.getpid()}"
+        d.rename(old)
+    tmp.rename(d)
     if old:
-        shutil.rmtree(old, ignore_errors=True)
+        old.rmtree(missing_ok=True)
+
+
+def _upload(src: epath.Path, dst: epath.Path):
+    items = sorted(src.iterdir(), key=lambda p: p.name in _MARKERS)
+    dst.mkdir(parents=True, exist_ok=True)
+    for p in items:
+        if p.is_dir():
+            paths.copy_tree(p, dst / p.name)
+        else:
+            p.copy(dst / p.name, overwrite=True)
 
 
 def progress(total_bytes: int, desc: str):
@@ -54,15 +84,15 @@ def has_tokenizer(folder: str) -> bool:
 
 
 def tokenizer_files(folder: str) -> list[str]:
-    if not folder or not os.path.isdir(folder):
+    if not folder or not paths.isdir(folder):
         return []
-    return [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(folder, f))]
+    return [f for f in TOKENIZER_FILES if (epath.Path(folder) / f).is_file()]
 
 
 def copy_tokenizer(src: str, dst: str) -> list[str]:
     files = tokenizer_files(src)
     if files:
-        os.makedirs(dst, exist_ok=True)
+        epath.Path(dst).mkdir(parents=True, exist_ok=True)
         for f in files:
-            shutil.copy2(os.path.join(src, f), os.path.join(dst, f))
+            (epath.Path(src) / f).copy(epath.Path(dst) / f, overwrite=True)
     return files

@@ -15,7 +15,10 @@ import struct
 import warnings
 
 import numpy as np
+from etils import epath
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from fusion_jax import paths
 
 DEFAULT_MAX_PIXELS = 100_000_000
 DEFAULT_MAX_FILE_BYTES = 256 << 20  # a 100 MP PNG fits; a multi-GB mistake is never read
@@ -42,7 +45,9 @@ def resolve_image_path(image_folder: str | None, rel: str) -> str:
         raise ImageError("unsafe_image_path", f"image path {rel!r} leaves the image folder")
     if image_folder is None:
         raise ImageError("missing_image", f"{rel!r}: no image folder configured")
-    path = os.path.join(image_folder, rel)
+    path = paths.join(image_folder, rel)
+    if paths.is_url(image_folder):
+        return path  # bucket objects have no links; read_image_file checks their size
     root, real = os.path.realpath(image_folder), os.path.realpath(path)
     if os.path.commonpath([root, real]) != root:
         raise ImageError("image_link_escapes", f"{path} resolves to {real}, outside the image folder {root}")
@@ -60,6 +65,8 @@ def _check_file(st: os.stat_result, path: str, max_bytes: int):
 
 def read_image_file(path: str, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
     """The bytes of a regular file of at most max_bytes; anything else is refused from its metadata."""
+    if paths.is_url(path):
+        return _read_object(path, max_bytes)
     try:
         _check_file(os.stat(path), path, max_bytes)
         # O_NONBLOCK: a file swapped for a FIFO after the stat cannot block the open either.
@@ -72,6 +79,26 @@ def read_image_file(path: str, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes
         _check_file(os.fstat(f.fileno()), path, max_bytes)  # what was opened, not just what was stat'ed
         data = f.read(max_bytes + 1)
     if len(data) > max_bytes:  # grew after the check
+        raise ImageError("image_file_too_large", f"{path}: over {max_bytes} bytes")
+    if not data:
+        raise ImageError("empty_image", f"{path} is empty")
+    return data
+
+
+def _read_object(path: str, max_bytes: int) -> bytes:
+    """A cloud object: its size checked from its metadata before it is read."""
+    p = epath.Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise ImageError("missing_image", f"{path} does not exist") from None
+    if st.is_directory:
+        raise ImageError("not_a_regular_file", f"{path} is a directory")
+    if st.length > max_bytes:
+        raise ImageError("image_file_too_large", f"{path}: {st.length} bytes > {max_bytes}")
+    with p.open("rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
         raise ImageError("image_file_too_large", f"{path}: over {max_bytes} bytes")
     if not data:
         raise ImageError("empty_image", f"{path} is empty")

@@ -19,13 +19,13 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
-import os
 import sys
 from collections.abc import Sequence
 
 import grain
 import numpy as np
 
+from fusion_jax import paths
 from fusion_jax.data import hosts
 from fusion_jax.data.hosts import HostDataError, NoUsableDataError
 from fusion_jax.data.records import InputError, JsonRecordSource
@@ -53,7 +53,7 @@ class PipelineConfig:
 
 def open_source(path: str, *, image_folder: str | None = None, seed: int = 0):
     """A JSON/JSONL/YAML mixture, or a dataset directory written by `prepare` (tfds ArrayRecord)."""
-    if os.path.isdir(path):
+    if paths.isdir(path):
         from fusion_jax.data.tfds_builder import open_prepared
         return open_prepared(path)
     return JsonRecordSource.from_path(path, image_folder=image_folder, seed=seed)

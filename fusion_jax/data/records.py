@@ -13,7 +13,9 @@ import os
 
 import numpy as np
 import yaml
+from etils import epath
 
+from fusion_jax import paths
 from fusion_jax.constants import (
     DEFAULT_IM_END_TOKEN,
     DEFAULT_IM_START_TOKEN,
@@ -70,28 +72,27 @@ class DatasetSpec:
 
 
 def _resolve(path: str, base_dir: str) -> str:
-    if os.path.isabs(path):
+    if paths.is_url(path) or epath.Path(path).is_absolute():
         return path
-    for cand in (os.path.join(base_dir, path), path):
-        if os.path.exists(cand):
+    for cand in (paths.join(base_dir, path), path):
+        if paths.exists(cand):
             return cand
-    return os.path.join(base_dir, path)
+    return paths.join(base_dir, path)
 
 
 def load_mixture(path: str) -> list[DatasetSpec]:
     """A YAML mixture (`datasets: [{json_path, sampling_strategy}]`) or a single JSON/JSONL file."""
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise InputError(f"{path}: no such file")
     if path.endswith((".yaml", ".yml")):
         try:
-            with open(path, encoding="utf-8") as f:
-                cfg = yaml.safe_load(f)
+            cfg = yaml.safe_load(epath.Path(path).read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
             raise InputError(f"{path}: invalid YAML ({e})") from e
         if not isinstance(cfg, dict) or not isinstance(cfg.get("datasets"), list):
             raise InputError(f"{path}: expected a mapping with a 'datasets' list")
         specs = []
-        base = os.path.dirname(os.path.abspath(path))
+        base = os.fspath(epath.Path(paths.absolute(path)).parent)
         for k, d in enumerate(cfg["datasets"]):
             if not isinstance(d, dict) or "json_path" not in d:
                 raise InputError(f"{path}: datasets[{k}] needs a json_path")
@@ -137,16 +138,15 @@ def apply_strategy(n: int, strategy: str, rng: np.random.Generator) -> np.ndarra
 def read_json_file(path: str) -> tuple[list, np.ndarray]:
     """Raw payloads of one file and their positions: bytes per JSONL line (blank lines ignored,
     positions are 1-based line numbers), dicts for .json (0-based indices)."""
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise InputError(f"{path}: no such file")
     if path.endswith(".jsonl"):
-        with open(path, "rb") as f:
-            pairs = [(line, k) for k, line in enumerate(f, 1) if line.strip()]
+        lines = epath.Path(path).read_bytes().splitlines(keepends=True)
+        pairs = [(line, k) for k, line in enumerate(lines, 1) if line.strip()]
         return [p for p, _ in pairs], np.asarray([k for _, k in pairs], np.int64)
     if path.endswith(".json"):
         try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
+            data = json.loads(epath.Path(path).read_bytes().decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise InputError(f"{path}: not valid JSON ({e})") from e
         if not isinstance(data, list):
@@ -182,7 +182,7 @@ class JsonRecordSource:
 
     def __getitem__(self, i: int) -> dict:
         k = int(self._file[i])
-        return {"payload": self._payloads[i], "key": f"{os.path.basename(self.files[k])}:{int(self._pos[i])}",
+        return {"payload": self._payloads[i], "key": f"{epath.Path(self.files[k]).name}:{int(self._pos[i])}",
                 "image_folder": self.folders[k]}
 
     def modality_lengths(self) -> np.ndarray:

@@ -7,12 +7,12 @@ map counts every skip exactly as it would from raw JSON.
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from fusion_jax.data import images as img_lib
 from fusion_jax.data.records import JsonRecordSource, parse_record, record_id
@@ -122,13 +122,13 @@ def _s(x):
 
 def open_prepared(path: str, split: str = "train") -> PreparedSource:
     """`path`: the version dir returned by `prepare`, or a data_dir holding one prepared dataset."""
-    if os.path.isfile(os.path.join(path, "dataset_info.json")):
+    if (epath.Path(path) / "dataset_info.json").is_file():
         version_dir = path
     else:
-        found = sorted(glob.glob(os.path.join(path, NAME, "*", "*", "dataset_info.json")))
+        found = sorted(epath.Path(path).glob(f"{NAME}/*/*/dataset_info.json"))
         if len(found) != 1:
             from fusion_jax.data.records import InputError
             raise InputError(f"{path}: expected one prepared {NAME} dataset, found {len(found)}")
-        version_dir = os.path.dirname(found[0])
+        version_dir = os.fspath(found[0].parent)
     builder = tfds.builder_from_directory(version_dir)
     return PreparedSource(builder.as_data_source(split=split))

@@ -8,9 +8,9 @@ when missing, at the next free ids, as the reference's `initialize_vision_tokeni
 from __future__ import annotations
 
 import json
-import os
 
 import tokenizers
+from etils import epath
 
 from fusion_jax.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN
 
@@ -68,19 +68,18 @@ class TextTokenizer:
 
 def load_tokenizer(path: str, *, add_vision_tokens: bool = True) -> TextTokenizer:
     """Read tokenizer.json (+ tokenizer_config.json, special_tokens_map.json) from a folder."""
-    tj = os.path.join(path, "tokenizer.json")
-    if not os.path.isfile(tj):
+    folder = epath.Path(path)
+    if not (folder / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{path}: no tokenizer.json (a fast HF tokenizer folder is required)")
-    tok = tokenizers.Tokenizer.from_file(tj)
+    tok = tokenizers.Tokenizer.from_str((folder / "tokenizer.json").read_text(encoding="utf-8"))
     cfg = {}
     for fname in ("special_tokens_map.json", "tokenizer_config.json"):  # config wins
-        fp = os.path.join(path, fname)
-        if os.path.isfile(fp):
-            with open(fp, encoding="utf-8") as f:
-                try:
-                    cfg.update(json.load(f))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{fp}: not valid JSON ({e})") from e
+        fp = folder / fname
+        if fp.is_file():
+            try:
+                cfg.update(json.loads(fp.read_text(encoding="utf-8")))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{fp}: not valid JSON ({e})") from e
     if add_vision_tokens:
         missing = [t for t in (DEFAULT_IM_START_TOKEN, DEFAULT_IM_END_TOKEN) if tok.token_to_id(t) is None]
         if missing:
@@ -89,19 +88,19 @@ def load_tokenizer(path: str, *, add_vision_tokens: bool = True) -> TextTokenize
     return TextTokenizer(
         tok, bos_token=_token_str(cfg.get("bos_token")), eos_token=_token_str(cfg.get("eos_token")),
         pad_token=_token_str(cfg.get("pad_token")) or _token_str(cfg.get("unk_token")),
-        add_bos=cfg.get("add_bos_token"), add_eos=cfg.get("add_eos_token"), name=os.path.basename(path))
+        add_bos=cfg.get("add_bos_token"), add_eos=cfg.get("add_eos_token"), name=folder.name)
 
 
 def write_tokenizer_folder(tok, path: str, *, add_bos: bool = True) -> str:
     """Save a trained `tokenizers.Tokenizer` as an HF tokenizer folder (json + config + map)."""
-    os.makedirs(path, exist_ok=True)
-    tok.save(os.path.join(path, "tokenizer.json"))
+    folder = epath.Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(tok.to_str(pretty=True))
     cfg = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>",
            "add_bos_token": add_bos, "add_eos_token": False, "model_max_length": 4096}
-    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump(cfg, f)
-    with open(os.path.join(path, "special_tokens_map.json"), "w") as f:
-        json.dump({k: cfg[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}, f)
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps({k: cfg[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}))
     return path
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 
@@ -25,16 +24,17 @@ def _summary_path(out: str) -> str:
 
 
 def _score(pred_path, gold_path, summary_path, rows_path=None, only=None) -> dict:
+    from etils import epath  # outputs may be gs:// URLs
+
     from fusion_jax.eval.runner import read_jsonl, write_jsonl
     from fusion_jax.eval.scorers import score_answers
+    from fusion_jax.paths import absolute
     golds = {r["question_id"]: r for r in read_jsonl(gold_path)}
     if only is not None:
         golds = {k: v for k, v in golds.items() if k in only}
     summary, rows = score_answers(read_jsonl(pred_path), golds)
-    summary["pred"], summary["gold"] = os.path.abspath(pred_path), os.path.abspath(gold_path)
-    with open(summary_path, "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1, sort_keys=True)
-        f.write("\n")
+    summary["pred"], summary["gold"] = absolute(pred_path), absolute(gold_path)
+    epath.Path(summary_path).write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     if rows_path:
         write_jsonl(rows_path, rows)
     o = summary["overall"]
@@ -84,6 +84,9 @@ def main(argv=None) -> int:
     ap.set_defaults(max_new_tokens=32)
     a = ap.parse_args(argv)
 
+    from etils import epath  # outputs may be gs:// URLs
+
+    from fusion_jax import paths
     from fusion_jax.eval.runner import read_jsonl, run_eval, write_jsonl
     try:
         questions = read_jsonl(a.questions)
@@ -95,13 +98,13 @@ def main(argv=None) -> int:
         questions = questions[:a.limit]
     gcfg = generation_config(a)
     gcfg.seq_bucket, gcfg.instruct_bucket = a.seq_bucket, a.instruct_bucket
-    model_id = a.model_id or os.path.basename(os.path.normpath(a.ckpt))
+    model_id = a.model_id or epath.Path(a.ckpt).name
     rows = run_eval(model, tok, questions, image_folder=a.image_folder, gcfg=gcfg,
                     batch_size=max(1, a.batch_size), model_id=model_id, progress=not a.no_progress)
     write_jsonl(a.out, rows)
     print(f"wrote {len(rows)} answers to {a.out}")
-    gold = a.gold or os.path.join(os.path.dirname(os.path.abspath(a.questions)), "answers.jsonl")
-    if os.path.isfile(gold) and os.path.abspath(gold) != os.path.abspath(a.out):
+    gold = a.gold or paths.join(epath.Path(paths.absolute(a.questions)).parent, "answers.jsonl")
+    if paths.isfile(gold) and paths.absolute(gold) != paths.absolute(a.out):
         _score(a.out, gold, a.summary or _summary_path(a.out),
                only={q["question_id"] for q in questions} if a.limit else None)
     elif a.gold:

@@ -11,21 +11,20 @@ is the setting closest to the reference.
 from __future__ import annotations
 
 import json
-import os
 import uuid
 
 
 def read_jsonl(path: str) -> list:
-    with open(os.path.expanduser(path), encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    from etils import epath  # a local path or a gs:// URL
+    text = epath.Path(path).expanduser().read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def write_jsonl(path: str, rows) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    from etils import epath  # a local path or a gs:// URL
+    epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    epath.Path(path).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                encoding="utf-8")
 
 
 def answer_id(model_id: str, question_id) -> str:

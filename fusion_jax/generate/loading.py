@@ -4,9 +4,11 @@ through this module), plus the tokenizer folder that goes with each."""
 from __future__ import annotations
 
 import json
-import os
 import re
 
+from etils import epath
+
+from fusion_jax import paths
 from fusion_jax.convert.orbax_io import CONFIG, TOKENIZER, is_orbax_dir, load_orbax_model
 from fusion_jax.convert.orbax_io import restore_params_tree as restore_params_tree
 
@@ -14,44 +16,42 @@ CKPT_DIR = "checkpoints"
 
 
 def step_dir(ckpt_dir: str, step: int) -> str:
-    return os.path.join(ckpt_dir, str(int(step)))
+    return paths.join(ckpt_dir, str(int(step)))
 
 
 def resolve_step_dir(path: str) -> str:
     """A workdir (-> its latest checkpoint), a checkpoints/ dir, or a step dir -> the step dir."""
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "params")):
+    path = paths.absolute(path)
+    if paths.isdir(paths.join(path, "params")):
         return path
-    for d in (os.path.join(path, CKPT_DIR), path):
-        if os.path.isdir(d):
-            steps = sorted(int(n) for n in os.listdir(d)
-                           if re.fullmatch(r"\d+", n) and os.path.isdir(os.path.join(d, n, "params")))
+    for d in (epath.Path(path) / CKPT_DIR, epath.Path(path)):
+        if d.is_dir():
+            steps = sorted(int(p.name) for p in d.iterdir()
+                           if re.fullmatch(r"\d+", p.name) and (p / "params").is_dir())
             if steps:
                 return step_dir(d, steps[-1])
     raise FileNotFoundError(f"{path}: no checkpoint (expected WORKDIR/checkpoints/<step>/params)")
 
 
 def _workdir_file(step_path: str, name: str) -> str:
-    return os.path.join(os.path.dirname(os.path.dirname(step_path)), name)
+    return paths.join(epath.Path(step_path).parent.parent, name)
 
 
 def read_model_config(step_path: str):
     """FusionConfig of a step dir: its fusion_config.json, else the workdir's, else meta/."""
     from fusion_jax.config import FusionConfig
-    for c in (os.path.join(step_path, CONFIG), _workdir_file(step_path, CONFIG)):
-        if os.path.isfile(c):
-            with open(c) as f:
-                return FusionConfig.from_dict(json.load(f))
-    meta = os.path.join(step_path, "meta", "metadata")
-    if os.path.isfile(meta):
-        with open(meta) as f:
-            return FusionConfig.from_dict(json.load(f)["model_config"])
+    for c in (paths.join(step_path, CONFIG), _workdir_file(step_path, CONFIG)):
+        if paths.isfile(c):
+            return FusionConfig.from_dict(json.loads(epath.Path(c).read_text()))
+    meta = epath.Path(step_path) / "meta" / "metadata"
+    if meta.is_file():
+        return FusionConfig.from_dict(json.loads(meta.read_text())["model_config"])
     raise FileNotFoundError(f"{step_path}: no {CONFIG}")
 
 
 def tokenizer_dir_of(step_path: str) -> str | None:
-    for c in (os.path.join(step_path, TOKENIZER), _workdir_file(step_path, TOKENIZER)):
-        if os.path.isfile(os.path.join(c, "tokenizer.json")):
+    for c in (paths.join(step_path, TOKENIZER), _workdir_file(step_path, TOKENIZER)):
+        if paths.isfile(paths.join(c, "tokenizer.json")):
             return c
     return None
 
@@ -79,12 +79,12 @@ def train_step_dir(ckpt: str) -> str | None:
 
 
 def find_tokenizer_dir(ckpt: str, tokenizer: str | None = None) -> str:
-    cands = [tokenizer] if tokenizer else [ckpt, os.path.join(ckpt, TOKENIZER)]
+    cands = [tokenizer] if tokenizer else [ckpt, paths.join(ckpt, TOKENIZER)]
     step = None if tokenizer else train_step_dir(ckpt)
     if step is not None:
         cands.append(tokenizer_dir_of(step))
     for c in cands:
-        if c and os.path.isfile(os.path.join(c, "tokenizer.json")):
+        if c and paths.isfile(paths.join(c, "tokenizer.json")):
             return c
     raise FileNotFoundError(f"no tokenizer.json in {' or '.join(c for c in cands if c)} (pass --tokenizer DIR)")
 

@@ -14,14 +14,13 @@ Reading them back (`load_params`, `resolve_step_dir`, ...) lives in `fusion_jax.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from fusion_jax import paths
 from fusion_jax.generate.loading import (  # noqa: F401  (the read side lives in the model layer)
     CKPT_DIR,
     CONFIG,
@@ -88,8 +87,8 @@ class Checkpointer:
 
     def __init__(self, workdir: str, *, keep: int = 2, every: int = 1000, async_save: bool = True,
                  model_config_json: str | None = None, tokenizer_dir: str | None = None):
-        self.workdir = os.path.abspath(workdir)
-        self.directory = os.path.join(self.workdir, CKPT_DIR)
+        self.workdir = paths.absolute(workdir)
+        self.directory = paths.join(self.workdir, CKPT_DIR)
         self.model_config_json = model_config_json
         self.tokenizer_dir = tokenizer_dir
         remove_tmp_checkpoints(self.directory)
@@ -118,15 +117,12 @@ class Checkpointer:
         if jax.process_index() != 0 or not self.model_config_json:
             return
         for s in self.mngr.all_steps():
-            d = step_dir(self.directory, s)
-            if not os.path.isdir(d) or os.path.isfile(os.path.join(d, CONFIG)):
+            d = epath.Path(step_dir(self.directory, s))
+            if not d.is_dir() or (d / CONFIG).is_file():
                 continue
-            if self.tokenizer_dir and os.path.isdir(self.tokenizer_dir):
-                shutil.copytree(self.tokenizer_dir, os.path.join(d, TOKENIZER), dirs_exist_ok=True)
-            tmp = os.path.join(d, CONFIG + ".tmp")
-            with open(tmp, "w") as f:
-                f.write(self.model_config_json)
-            os.replace(tmp, os.path.join(d, CONFIG))
+            if self.tokenizer_dir and paths.isdir(self.tokenizer_dir):
+                paths.copy_tree(self.tokenizer_dir, d / TOKENIZER)
+            paths.write_text_atomic(d / CONFIG, self.model_config_json)
 
     # ---------------------------------------------------------------- restore
     def latest_step(self) -> int | None:
@@ -151,6 +147,14 @@ class Checkpointer:
             multihost_utils.sync_global_devices("fusion_set_aside")
         self.mngr.reload()
         return str(dest)
+
+    def restore_data_state(self, step: int):
+        """This host's data-iterator state of `step`, read by grain's handler from this host's own file
+        with no cross-host step: a host that fails here leaves no other host waiting in a barrier."""
+        import grain
+        box = _StateBox()
+        grain.checkpoint.CheckpointHandler().restore(epath.Path(step_dir(self.directory, step)) / "data", item=box)
+        return box.state
 
     def restore(self, step: int, abstract_state: dict):
         """(state, data_state, meta) with arrays placed on the shardings of `abstract_state`

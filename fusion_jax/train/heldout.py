@@ -6,11 +6,12 @@ answers and the summary land in WORKDIR/heldout_answers.jsonl and WORKDIR/heldou
 from __future__ import annotations
 
 import json
-import os
 import time
 
+from etils import epath
 from flax import nnx
 
+from fusion_jax import paths
 from fusion_jax.eval.runner import read_jsonl, run_eval, write_jsonl
 from fusion_jax.eval.scorers import score_answers
 
@@ -29,18 +30,17 @@ def evaluate_heldout(graphdef, params, tokenizer, data_dir: str, workdir: str, *
     """Greedy answers to data_dir/eval/questions.jsonl, scored against eval/answers.jsonl."""
     from fusion_jax.generate import GenerationConfig
     t0 = time.time()
-    questions = read_jsonl(os.path.join(data_dir, "eval", "questions.jsonl"))
-    golds = {g["question_id"]: g for g in read_jsonl(os.path.join(data_dir, "eval", "answers.jsonl"))}
+    questions = read_jsonl(paths.join(data_dir, "eval", "questions.jsonl"))
+    golds = {g["question_id"]: g for g in read_jsonl(paths.join(data_dir, "eval", "answers.jsonl"))}
     model = nnx.merge(graphdef, params)
     gcfg = GenerationConfig(max_new_tokens=max_new_tokens, instruct_bucket=16)  # as the eval CLI
     answers = run_eval(model, tokenizer, questions, image_folder=data_dir, gcfg=gcfg, batch_size=batch_size,
-                       model_id=os.path.basename(workdir), progress=False)
+                       model_id=epath.Path(workdir).name, progress=False)
     summary, _ = score_answers(answers, golds)
     summary["seconds"] = round(time.time() - t0, 1)
-    write_jsonl(os.path.join(workdir, "heldout_answers.jsonl"), answers)
-    with open(os.path.join(workdir, "heldout_summary.json"), "w") as f:
-        json.dump(summary, f, indent=1, sort_keys=True)
-        f.write("\n")
+    write_jsonl(paths.join(workdir, "heldout_answers.jsonl"), answers)
+    paths.write_text_atomic(paths.join(workdir, "heldout_summary.json"),
+                            json.dumps(summary, indent=1, sort_keys=True) + "\n")
     log(f"held-out evaluation: {len(questions)} questions in {summary['seconds']:.1f}s "
         f"(answers and summary in {workdir}/heldout_*)\n{format_summary(summary)}")
     return summary

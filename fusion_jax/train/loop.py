@@ -5,13 +5,14 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import time
 
 import jax
 import numpy as np
+from etils import epath
 from flax import nnx
 
+from fusion_jax import paths
 from fusion_jax.config import FusionConfig
 from fusion_jax.sharding import logical_shardings, make_mesh, shard_batch
 from fusion_jax.synth import SynthConfig
@@ -67,11 +68,11 @@ def validate(tc):
     need(tc.data.source in ("path", "synth"), "data.source", f"expected path | synth, got {tc.data.source!r}")
     if tc.data.source == "path":
         need(bool(tc.data.path), "data.path", "empty (a JSON/YAML mixture or prepared dataset dir)")
-        need(os.path.exists(tc.data.path), "data.path", f"{tc.data.path} does not exist")
+        need(paths.exists(tc.data.path), "data.path", f"{tc.data.path} does not exist")
         need(bool(tc.data.tokenizer) or bool(tc.init_from), "data.tokenizer",
              "empty, and init_from has no tokenizer/ to fall back on")
     if tc.init_from:
-        need(os.path.exists(tc.init_from), "init_from", f"{tc.init_from} does not exist")
+        need(paths.exists(tc.init_from), "init_from", f"{tc.init_from} does not exist")
     if "vision_warmup" in tc and tc.vision_warmup.steps > 0:
         need(tc.data.source == "synth", "vision_warmup.steps",
              "needs the synthesized scene descriptions (data.source = 'synth')")
@@ -101,11 +102,12 @@ def model_overrides(tc) -> dict:
 def init_source_kind(path: str) -> str:
     """'train' (workdir / step dir), 'orbax' (converted folder) or 'hf'."""
     from fusion_jax.convert.orbax_io import is_orbax_dir
-    if os.path.isdir(os.path.join(path, ckpt_lib.CKPT_DIR)) or os.path.isdir(os.path.join(path, "train")):
+    p = epath.Path(path)
+    if (p / ckpt_lib.CKPT_DIR).is_dir() or (p / "train").is_dir():
         return "train"
     if is_orbax_dir(path):
         return "orbax"
-    if os.path.isfile(os.path.join(path, "config.json")):
+    if (p / "config.json").is_file():
         return "hf"
     raise ValueError(f"config.init_from: {path} is neither a train workdir/checkpoint, a converted "
                      f"Orbax folder (fusion_config.json + params/) nor an HF folder (config.json)")
@@ -208,7 +210,7 @@ def _tokenizer_dir(tc) -> str:
         return tc.data.tokenizer
     if init_source_kind(tc.init_from) == "train":
         return ckpt_lib.tokenizer_dir_of(ckpt_lib.resolve_step_dir(tc.init_from))
-    return os.path.join(tc.init_from, "tokenizer")
+    return paths.join(tc.init_from, "tokenizer")
 
 
 def prepare_data(tc, workdir: str):
@@ -222,9 +224,9 @@ def prepare_data(tc, workdir: str):
             tokenizer_vocab_size=tc.data.tokenizer_vocab_size, log=log)
     tok_dir = _tokenizer_dir(tc)
     tokenizer = load_tokenizer(tok_dir)
-    wd_tok = os.path.join(workdir, ckpt_lib.TOKENIZER)
-    if jax.process_index() == 0 and os.path.abspath(tok_dir) != wd_tok:
-        shutil.copytree(tok_dir, wd_tok, dirs_exist_ok=True)
+    wd_tok = paths.join(workdir, ckpt_lib.TOKENIZER)
+    if jax.process_index() == 0 and paths.absolute(tok_dir) != wd_tok:
+        paths.copy_tree(tok_dir, wd_tok)
     if tc.total_steps == -1:
         n = dataset_size(tc)
         tc.total_steps = max(1, n // tc.global_batch_size)
@@ -239,8 +241,7 @@ def write_run_configs(tc, cfg: FusionConfig, workdir: str):
     if jax.process_index() != 0:
         return
     resume.save_run_config(tc, workdir, keep_old=bool(changed))
-    with open(os.path.join(workdir, ckpt_lib.CONFIG), "w") as f:
-        f.write(cfg.to_json())
+    paths.write_text_atomic(paths.join(workdir, ckpt_lib.CONFIG), cfg.to_json())
 
 
 def warm_start(s: Setup, params: dict) -> dict:
@@ -306,6 +307,7 @@ def _run_steps(s: Setup, state, start: int, it, ck, metrics) -> tuple:
             stopped = stop.reason(tc, step, start)
             if step % tc.checkpoint_every == 0 or stopped or step == s.total_steps:
                 metrics.flush()  # a non-finite step past the budget raises here, before its checkpoint
+                metrics.sync()
                 ck.save(step, state, it.get_state(), meta, force=True)
         metrics.flush()
     return state, step, stopped
@@ -317,8 +319,8 @@ def train(tc, workdir: str) -> dict:
     were skipped."""
     maybe_initialize_distributed()
     validate(tc)
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = paths.absolute(workdir)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     resume.check_config_drift(tc, workdir, resolved=False)  # before prepare_data writes into the workdir
     t_setup = time.time()
     tokenizer = prepare_data(tc, workdir)
@@ -329,7 +331,7 @@ def train(tc, workdir: str) -> dict:
     write_run_configs(tc, s.cfg, workdir)
     ck = ckpt_lib.Checkpointer(workdir, keep=tc.keep_checkpoints, every=tc.checkpoint_every,
                                async_save=tc.async_checkpoint, model_config_json=s.cfg.to_json(),
-                               tokenizer_dir=os.path.join(workdir, ckpt_lib.TOKENIZER))
+                               tokenizer_dir=paths.join(workdir, ckpt_lib.TOKENIZER))
     it = build_iterator(tc.data, s.cfg, tokenizer, per_process_batch=tc.global_batch_size // jax.process_count(),
                         seed=int(tc.seed))
     state, start = init_or_resume(s, ck, it, workdir)

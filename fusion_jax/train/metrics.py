@@ -2,7 +2,10 @@
 
 A step's metrics are read one step late, so the host never waits on the device between steps.
 metrics.jsonl is only appended to: a resumed run logs the steps after its checkpoint again, and
-readers take the last record per step (`read_metrics`).
+readers take the last record per step (`read_metrics`). A cloud object (gs://) cannot be appended
+to: there `JsonlLog` rewrites the whole (small) object at most every CLOUD_SYNC_S seconds and always
+before a checkpoint and at close; an upload replaces the object whole, so it is never torn.
+TensorBoard event files are written locally and copied into a cloud workdir at each sync.
 """
 from __future__ import annotations
 
@@ -13,7 +16,9 @@ import time
 
 import jax
 import numpy as np
+from etils import epath
 
+from fusion_jax import paths
 from fusion_jax.train import flops as flops_lib
 
 SCALARS = ("loss", "ce_loss", "dsm_loss", "instruct_cos_loss", "vision_cos_loss", "grad_norm", "lr", "vision_lr")
@@ -37,39 +42,87 @@ def fmt_time(s: float) -> str:
 
 def read_metrics(path: str) -> list[dict]:
     """The records of metrics.jsonl in step order, the last one per step: a resumed run appends the
-    steps after its checkpoint again (the file is never rewritten). Lines that are not JSON (a line
+    steps after its checkpoint again (no record is ever changed or removed). Lines that are not JSON (a line
     torn by a crash) are left out."""
     last = {}
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict) and "step" in rec:
-                last[rec["step"]] = rec
+    for line in epath.Path(path).read_bytes().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and "step" in rec:
+            last[rec["step"]] = rec
     return [last[k] for k in sorted(last)]
 
 
+def _whole_lines_end(f, end: int) -> int:
+    """The length of `f`'s content up to its last newline (0 when it has none)."""
+    pos = end
+    while pos > 0:
+        start = max(0, pos - (1 << 16))
+        f.seek(start)
+        chunk = f.read(pos - start)
+        if pos == end and chunk.endswith(b"\n"):
+            return end
+        i = chunk.rfind(b"\n")
+        if i >= 0:
+            return start + i + 1
+        pos = start
+    return 0
+
+
 def cut_torn_tail(path: str):
-    """Drop a half-written last line (a crash mid-write), so that appended records start a line."""
-    if not os.path.isfile(path):
+    """Drop a half-written last line of a local file (a crash mid-write), so that appended records
+    start a line. (A cloud object is replaced whole, never torn: JsonlLog cuts its copy in memory.)"""
+    p = epath.Path(path)
+    if paths.is_url(path) or not p.is_file():
         return
-    with open(path, "rb+") as f:
+    with p.open("rb") as f:
         end = f.seek(0, os.SEEK_END)
-        pos = end
-        while pos > 0:
-            start = max(0, pos - (1 << 16))
-            f.seek(start)
-            chunk = f.read(pos - start)
-            if pos == end and chunk.endswith(b"\n"):
-                return
-            i = chunk.rfind(b"\n")
-            if i >= 0:
-                f.truncate(start + i + 1)
-                return
-            pos = start
-        f.truncate(0)
+        keep = _whole_lines_end(f, end)
+    if keep != end:
+        os.truncate(path, keep)
+
+
+CLOUD_SYNC_S = 30.0
+
+
+class JsonlLog:
+    """An append-only JSONL file. Local: the torn tail is cut on open, each line appended and flushed.
+    Cloud URL: the object is read once, kept in memory, and rewritten whole at sync() (at most every
+    CLOUD_SYNC_S seconds from write(); the loop syncs before each checkpoint, so every record up to the
+    last checkpoint is in the bucket, and the steps after it are logged again on resume)."""
+
+    def __init__(self, path: str):
+        self.path, self.cloud = epath.Path(path), paths.is_url(path)
+        if self.cloud:
+            data = self.path.read_bytes() if self.path.exists() else b""
+            self.buf = bytearray(data[:data.rfind(b"\n") + 1])
+            self.dirty, self.t_sync = False, time.time()
+        else:
+            cut_torn_tail(path)
+            self.file = self.path.open("a")
+
+    def write(self, line: str):
+        if not self.cloud:
+            self.file.write(line + "\n")
+            self.file.flush()
+            return
+        self.buf += (line + "\n").encode()
+        self.dirty = True
+        if time.time() - self.t_sync >= CLOUD_SYNC_S:
+            self.sync()
+
+    def sync(self):
+        if self.cloud and self.dirty:
+            self.path.write_bytes(bytes(self.buf))
+            self.dirty, self.t_sync = False, time.time()
+
+    def close(self):
+        if self.cloud:
+            self.sync()
+        else:
+            self.file.close()
 
 
 def batch_info(cfg, raw: dict, batch: dict) -> dict:
@@ -99,15 +152,8 @@ class MetricsLogger:
         if not isinstance(max_nonfinite, int) or isinstance(max_nonfinite, bool) or max_nonfinite < 0:
             raise ValueError(f"config.optim.max_nonfinite_steps: must be an integer >= 0, got {max_nonfinite!r}")
         self.max_nonfinite, self.nonfinite_run, self.nonfinite_total = max_nonfinite, 0, 0
-        self.file = None
-        if self.is_main:
-            path = os.path.join(workdir, "metrics.jsonl")
-            cut_torn_tail(path)
-            self.file = open(path, "a")
-        self.writer = None
-        if self.is_main and tensorboard:
-            from tensorboardX import SummaryWriter
-            self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self.file = JsonlLog(paths.join(workdir, "metrics.jsonl")) if self.is_main else None
+        self.writer = _TensorBoard(workdir) if self.is_main and tensorboard else None
         self.peak = flops_lib.peak_flops()
         self.t_run0 = self.t_last = time.time()
         self.step0 = start
@@ -181,16 +227,52 @@ class MetricsLogger:
         """One record to metrics.jsonl and TensorBoard, one line to the console (process 0)."""
         if not self.is_main:
             return
-        self.file.write(json.dumps(rec) + "\n")
-        self.file.flush()
+        self.file.write(json.dumps(rec))
         if self.writer is not None:
             for n, v in rec.items():
                 if n not in ("step", "time") and isinstance(v, (int, float)):
                     self.writer.add_scalar(f"train/{n}", v, rec["step"])
         log(line)
 
+    def sync(self):
+        """Everything logged so far into the workdir (a cloud workdir: uploaded); before each checkpoint."""
+        if self.file:
+            self.file.sync()
+        if self.writer is not None:
+            self.writer.sync()
+
     def close(self):
         if self.file:
             self.file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+class _TensorBoard:
+    """tensorboardX's SummaryWriter. A cloud workdir: tensorboardX writes gs:// only through extra
+    packages (TensorFlow's gfile), so the event files go to a local folder and are copied into
+    WORKDIR/tensorboard at each sync and at close."""
+
+    def __init__(self, workdir: str):
+        import tempfile
+
+        from tensorboardX import SummaryWriter
+        self.dest = paths.join(workdir, "tensorboard")
+        self.local = tempfile.mkdtemp(prefix="fusion_tb_") if paths.is_url(workdir) else self.dest
+        self.w = SummaryWriter(self.local)
+        if self.local != self.dest:
+            log(f"tensorboard: event files are written to {self.local} and copied to {self.dest} at each "
+                f"checkpoint")
+
+    def add_scalar(self, *a):
+        self.w.add_scalar(*a)
+
+    def sync(self):
+        if self.local != self.dest:
+            self.w.flush()
+            paths.copy_tree(self.local, self.dest)
+
+    def close(self):
+        self.w.close()
+        self.sync()
+

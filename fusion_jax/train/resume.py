@@ -13,6 +13,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from fusion_jax import paths
 from fusion_jax.train.metrics import TrainingError, log
 
 RUN_CONFIG = "config.json"
@@ -109,15 +110,13 @@ def check_config_drift(tc, workdir: str, *, resolved: bool = True) -> list[str]:
 
 
 def save_run_config(tc, workdir: str, *, keep_old: bool):
-    """Write WORKDIR/config.json whole (temp file, then rename); `keep_old`: the replaced one is kept as
-    config.replaced-<UTC time>.json (an allowed config change)."""
+    """Write WORKDIR/config.json whole (temp file then rename; one upload on a bucket); `keep_old`: the
+    replaced one is kept as config.replaced-<UTC time>.json (an allowed config change)."""
     wd = epath.Path(workdir)
     path = wd / RUN_CONFIG
     if keep_old and path.exists():
         path.rename(wd / f"config.replaced-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}.json")
-    tmp = wd / (RUN_CONFIG + ".tmp")
-    tmp.write_text(tc.to_json_best_effort(indent=2, sort_keys=True))
-    tmp.replace(path)
+    paths.write_text_atomic(path, tc.to_json_best_effort(indent=2, sort_keys=True))
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -152,20 +151,32 @@ def _agree(err: str | None) -> str | None:
     return err or ("failed on another process" if np.any(failed) else None)
 
 
+def _attempt(fn):
+    """(fn(), None), or (None, the reason it failed)."""
+    try:
+        return fn(), None
+    except Exception as e:  # noqa: BLE001  (whatever the fault, the previous step is tried next)
+        return None, _reason(e)
+
+
 def restore_latest_good(ck, abstract_state, it):
     """(state, step) from the newest checkpoint that restores (data iterator included), None when the
     workdir has none. Newer ones that fail are named with their reason and set aside (never deleted);
-    when none restores, a TrainingError names every step tried and nothing is moved."""
+    when none restores, a TrainingError names every step tried and nothing is moved.
+
+    The hosts agree twice per step: first on this host's own data-iterator state (read with no
+    cross-host step, so one host's torn file cannot leave the others in Orbax's restore barrier), then
+    on the Orbax restore, whose failures (metadata, arrays) are met by every host that reads them."""
     failed = []
     for step in sorted(ck.all_steps(), reverse=True):
-        try:
-            state, data_state, _ = ck.restore(step, abstract_state)
-            it.set_state(data_state)
-            err = None
-        except Exception as e:  # noqa: BLE001  (whatever the fault, the previous step is tried next)
-            err = _reason(e)
+        _, err = _attempt(lambda s=step: it.set_state(ck.restore_data_state(s)))
         err = _agree(err)
         if err is None:
+            out, err = _attempt(lambda s=step: ck.restore(s, abstract_state))
+            err = _agree(err)
+        if err is None:
+            state, data_state, _ = out
+            it.set_state(data_state)
             if failed:
                 where = ck.set_aside([s for s, _ in failed])
                 log(f"falling back to step {step}: moved the unrestorable step(s) "

@@ -12,20 +12,21 @@ tower's weights are kept; the classifier head is dropped.
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 
+from fusion_jax import paths
 from fusion_jax.config import FusionConfig
 from fusion_jax.data.images import decode_image, main_view_uint8, normalize_crops, read_image_file
 from fusion_jax.vision import SiglipVisionTower
 
-SCENES = os.path.join("meta", "train_scenes.jsonl")
+SCENES = "meta/train_scenes.jsonl"
 
 
 def tag_targets(rows: list, grid: int) -> dict:
@@ -73,24 +74,23 @@ def render_text_corpus(n: int, image_size: int, difficulty: str, seed: int) -> t
 
 
 def read_scenes(data_dir: str) -> list:
-    path = os.path.join(data_dir, SCENES)
-    if not os.path.isfile(path):
+    path = paths.join(data_dir, SCENES)
+    if not paths.isfile(path):
         raise ValueError(f"config.vision_warmup: {path} not found (the warm-up needs the synthesized "
                          f"scene descriptions: data.source = 'synth')")
     rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"config.vision_warmup: {path}:{n} is not JSON ({e})") from None
-            ok = isinstance(r, dict) and isinstance(r.get("image"), str) and isinstance(r.get("scene"), dict)
-            if not ok or not {"objects", "texts"} <= r["scene"].keys():
-                raise ValueError(f"config.vision_warmup: {path}:{n} is not a scene record "
-                                 f"(needs image, scene.objects and scene.texts)")
-            rows.append(r)
+    for n, line in enumerate(epath.Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"config.vision_warmup: {path}:{n} is not JSON ({e})") from None
+        ok = isinstance(r, dict) and isinstance(r.get("image"), str) and isinstance(r.get("scene"), dict)
+        if not ok or not {"objects", "texts"} <= r["scene"].keys():
+            raise ValueError(f"config.vision_warmup: {path}:{n} is not a scene record "
+                             f"(needs image, scene.objects and scene.texts)")
+        rows.append(r)
     if not any(r["scene"]["objects"] for r in rows):
         raise ValueError(f"config.vision_warmup: no objects in {path}")
     return rows
@@ -142,7 +142,7 @@ def _load_images(cfg: FusionConfig, data_dir: str, text_images: int, image_size:
     size = cfg.vision.image_size
     views = []
     for r in rows:
-        path = os.path.join(data_dir, r["image"])
+        path = paths.join(data_dir, r["image"])
         views.append(main_view_uint8(decode_image(read_image_file(path), name=path), size))
     n_data = len(rows)
     if text_images > 0:
