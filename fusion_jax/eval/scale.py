@@ -25,12 +25,18 @@ from fusion_jax.eval.runner import run_eval, write_jsonl
 DTYPES = ("float32", "bfloat16")
 
 
-def add_scale_args(ap) -> None:
+def add_load_args(ap) -> None:
+    """--dtype / --mesh (read by `load_for_eval`)."""
     ap.add_argument("--dtype", choices=DTYPES, default=None,
                     help="parameter and compute dtype (default: the checkpoint's config)")
     ap.add_argument("--mesh", default=None,
                     help="DATA,FSDP,TENSOR mesh over this process's devices, one entry may be -1 "
                          "(e.g. 1,-1,1: FSDP over all local devices); default: one device")
+
+
+def add_scale_args(ap) -> None:
+    """--dtype / --mesh / --resume / --flush-every (read by `load_for_eval` and `run_questions`)."""
+    add_load_args(ap)
     ap.add_argument("--resume", action="store_true",
                     help="skip the questions already answered in --out (or in its OUT.parts/ chunks)")
     ap.add_argument("--flush-every", type=int, default=64,
