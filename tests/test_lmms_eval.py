@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 try:
     import lmms_eval  # noqa: F401
@@ -65,14 +66,16 @@ def _cached_path_logprob(model, tok, context, continuation, image):
     """sum log p(continuation | prompt) by teacher forcing through the KV cache, and is_greedy."""
     from fusion_jax.eval.lmms_plugin.scoring import encode_pair
     from fusion_jax.generate import layout_padded, load_image_crops, prefill
-    from fusion_jax.generate.decoding import decode_step
+    from fusion_jax.generate.decoding import decode_step as decode_step_
     e = encode_pair(tok, "phi_3", context, continuation, image is not None)
     n = e["n_cont"]
     if n == 0:
         return 0.0, True
     ctx, cont = e["input_ids"][:-n], e["input_ids"][-n:]
     lay = layout_padded(model.cfg, [ctx], [e["instructs"]], load_image_crops(model.cfg, image)[None], query_len=4)
-    logits, cache, kv_mask, lengths = prefill(model, {k: jnp.asarray(v) for k, v in lay.items()}, n)
+    logits, cache, kv_mask, lengths = nnx.jit(prefill, static_argnums=2)(
+        model, {k: jnp.asarray(v) for k, v in lay.items()}, n)
+    decode_step = nnx.jit(decode_step_)
     total, greedy = 0.0, True
     for t, tok_id in enumerate(cont):
         lp = np.asarray(jax.nn.log_softmax(logits[0]))

@@ -74,7 +74,13 @@ def _failure(index: int, line, reason: str) -> dict:
 def prepare(model, tokenizer, line: dict, image_folder, gcfg) -> dict:
     """A question dict -> an `answer()` request; raises ValueError / ImageError naming the problem."""
     from fusion_jax.data.images import resolve_image_path
-    from fusion_jax.generate.prompts import default_template, encode_request, open_image, pick_query_len
+    from fusion_jax.generate.prompts import (
+        check_context,
+        default_template,
+        encode_request,
+        open_image,
+        pick_query_len,
+    )
     from fusion_jax.layout import spliced_length
     if "question_id" not in line or not isinstance(line.get("text"), str):
         raise ValueError(f"malformed: needs 'question_id' and a string 'text', got keys {sorted(line)}")
@@ -91,7 +97,6 @@ def prepare(model, tokenizer, line: dict, image_folder, gcfg) -> dict:
                          has_image=req["image"] is not None, convention=gcfg.convention)
     n = spliced_length(enc["input_ids"], num_image_tokens=cfg.num_image_tokens,
                        query_len=pick_query_len(cfg, gcfg.query_len))
-    from fusion_jax.generate.prompts import check_context
     check_context(cfg, [n], int(line.get("max_new_tokens") or gcfg.max_new_tokens))
     return req
 

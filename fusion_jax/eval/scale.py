@@ -185,7 +185,7 @@ def _gather_failures(out, failures: list) -> list:
         _barrier("fusion_jax.eval.written")
         if jax.process_index() != 0:
             return failures
-        return [r for p in sorted(parts.glob("failures-*.json")) for r in _read_rows(p)]
+        return [r for p in range(jax.process_count()) for r in _read_rows(parts / f"failures-{p:05d}.json")]
     return failures
 
 
