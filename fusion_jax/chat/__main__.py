@@ -22,7 +22,7 @@ def _parser():
     ap.add_argument("--reencode", action="store_true",
                     help="re-encode the whole conversation each turn (the reference's behaviour; no cache reuse)")
     ap.add_argument("--seq-bucket", type=int, default=64, help="prefill segments are padded to a multiple of this")
-    ap.set_defaults(max_new_tokens=512)
+    ap.set_defaults(max_new_tokens=512, convention="chat")
     return ap
 
 
@@ -74,6 +74,9 @@ def chat_loop(session, lines, out=sys.stdout, prompt: bool = False) -> None:
 
 def main(argv=None) -> int:
     a = _parser().parse_args(argv)
+    if a.convention != "chat":
+        print("error: the chat uses the chat instruct convention (--convention chat)", file=sys.stderr)
+        return 2
     from fusion_jax.chat.session import ChatSession
     from fusion_jax.data.images import ImageError
     from fusion_jax.eval.scale import load_for_eval
@@ -89,7 +92,6 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     gcfg = generation_config(a)
-    gcfg.convention = "chat"
     session = ChatSession(model, tok, gcfg, image=image, reencode=a.reencode, seq_bucket=a.seq_bucket)
     tty = sys.stdin.isatty()
     if tty:
