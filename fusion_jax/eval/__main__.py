@@ -66,9 +66,11 @@ def main(argv=None) -> int:
         return (bench_cli.run_main if argv[0] == "run" else bench_cli.convert_main)(argv[1:])
     if argv[:1] == ["--list"]:
         return bench_cli.list_main()
-    from fusion_jax.generate.cli import add_generation_args, generation_config, load_for_cli
+    from fusion_jax.eval.scale import add_scale_args, load_for_eval, run_questions
+    from fusion_jax.generate.cli import add_generation_args, generation_config
     ap = argparse.ArgumentParser(prog="python -m fusion_jax.eval", description=__doc__.splitlines()[0])
     add_generation_args(ap)
+    add_scale_args(ap)
     ap.add_argument("--questions", required=True, help="model_vqa questions JSONL")
     ap.add_argument("--image-folder", default=None)
     ap.add_argument("--out", required=True, help="answers JSONL (model_vqa format)")
@@ -87,10 +89,10 @@ def main(argv=None) -> int:
     from etils import epath  # outputs may be gs:// URLs
 
     from fusion_jax import paths
-    from fusion_jax.eval.runner import read_jsonl, run_eval, write_jsonl
+    from fusion_jax.eval.runner import read_questions
     try:
-        questions = read_jsonl(a.questions)
-        tok, model = load_for_cli(a)
+        questions, bad_lines = read_questions(a.questions)
+        tok, model = load_for_eval(a)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -99,10 +101,10 @@ def main(argv=None) -> int:
     gcfg = generation_config(a)
     gcfg.seq_bucket, gcfg.instruct_bucket = a.seq_bucket, a.instruct_bucket
     model_id = a.model_id or epath.Path(a.ckpt).name
-    rows = run_eval(model, tok, questions, image_folder=a.image_folder, gcfg=gcfg,
-                    batch_size=max(1, a.batch_size), model_id=model_id, progress=not a.no_progress)
-    write_jsonl(a.out, rows)
-    print(f"wrote {len(rows)} answers to {a.out}")
+    status = run_questions(a, questions, model, tok, gcfg, model_id=model_id, failures=bad_lines)
+    import jax
+    if jax.process_index() != 0:
+        return status
     gold = a.gold or paths.join(epath.Path(paths.absolute(a.questions)).parent, "answers.jsonl")
     if paths.isfile(gold) and paths.absolute(gold) != paths.absolute(a.out):
         _score(a.out, gold, a.summary or _summary_path(a.out),
@@ -110,7 +112,7 @@ def main(argv=None) -> int:
     elif a.gold:
         print(f"error: gold file {a.gold} not found", file=sys.stderr)
         return 2
-    return 0
+    return status
 
 
 if __name__ == "__main__":

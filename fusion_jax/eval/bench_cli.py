@@ -12,9 +12,7 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import os
 import sys
 
 RUN_INTERNAL_META = ("instructs_from_prompt",)
@@ -23,10 +21,12 @@ RUN_INTERNAL_META = ("instructs_from_prompt",)
 def run_parser() -> argparse.ArgumentParser:
     """The `run` options; extend it (dtype, mesh, resume, ...) by adding arguments to the returned parser."""
     from fusion_jax.eval.benchmarks import BENCHMARKS
+    from fusion_jax.eval.scale import add_scale_args
     from fusion_jax.generate.cli import add_generation_args
     ap = argparse.ArgumentParser(prog="python -m fusion_jax.eval run",
                                  description="Answer a benchmark's questions as the reference's script builds them.")
     add_generation_args(ap)
+    add_scale_args(ap)
     ap.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS))
     ap.add_argument("--data", required=True, help="the benchmark's question file (see --list)")
     ap.add_argument("--image-folder", default=None)
@@ -43,55 +43,38 @@ def run_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def attach_meta(rows, questions) -> list:
-    """Answer rows + the fields the reference's answer files carry (its prompt, ground truth, rounds...)."""
+def with_answer_fields(questions, max_new_tokens=None) -> list:
+    """The reference's extra answer fields (its prompt, ground truth, rounds...) ride on each question."""
     out = []
-    for row, q in zip(rows, questions, strict=True):
-        meta = {k: v for k, v in q["meta"].items() if k not in RUN_INTERNAL_META}
-        out.append({**row, **meta})
+    for q in questions:
+        fields = {k: v for k, v in q["meta"].items() if k not in RUN_INTERNAL_META}
+        out.append({**q, "answer_fields": fields, "max_new_tokens": max_new_tokens or q["max_new_tokens"]})
     return out
-
-
-def answer_questions(model, tok, questions, a, gcfg) -> list:
-    """run_eval per max_new_tokens group (each group one GenerationConfig), rows back in question order."""
-    from fusion_jax.eval.runner import run_eval
-    model_id = a.model_id or os.path.basename(os.path.normpath(a.ckpt))
-    order = {}
-    for k, q in enumerate(questions):
-        limit = a.max_new_tokens if a.max_new_tokens else q["max_new_tokens"]
-        order.setdefault(limit, []).append(k)
-    rows = [None] * len(questions)
-    for limit, idx in order.items():
-        got = run_eval(model, tok, [questions[k] for k in idx], image_folder=a.image_folder,
-                       gcfg=dataclasses.replace(gcfg, max_new_tokens=limit), batch_size=max(1, a.batch_size),
-                       model_id=model_id, progress=not a.no_progress)
-        for k, r in zip(idx, got, strict=True):
-            rows[k] = r
-    return attach_meta(rows, questions)
 
 
 def run_main(argv) -> int:
     if "--list" in argv:
         return list_main()
     a = run_parser().parse_args(argv)
+    from etils import epath
+
     from fusion_jax.eval.benchmarks import fill_template_instructs, read_questions
-    from fusion_jax.eval.runner import write_jsonl
-    from fusion_jax.generate.cli import generation_config, load_for_cli
+    from fusion_jax.eval.scale import load_for_eval, run_questions
+    from fusion_jax.generate.cli import generation_config
     from fusion_jax.generate.prompts import default_template
     try:
         questions = read_questions(a.benchmark, a.data, all_rounds=a.all_rounds, split=a.split)
         questions = questions[:a.limit] if a.limit else questions
-        tok, model = load_for_cli(a)
+        tok, model = load_for_eval(a)
     except (FileNotFoundError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    gcfg = generation_config(a)              # max_new_tokens set per question group
+    gcfg = generation_config(a)              # max_new_tokens: per question (the reference script's)
     gcfg.seq_bucket, gcfg.instruct_bucket = a.seq_bucket, a.instruct_bucket
     fill_template_instructs(questions, a.template or default_template(model.cfg))
-    rows = answer_questions(model, tok, questions, a, gcfg)
-    write_jsonl(a.out, rows)
-    print(f"wrote {len(rows)} answers to {a.out}")
-    return 0
+    questions = with_answer_fields(questions, a.max_new_tokens)
+    model_id = a.model_id or epath.Path(a.ckpt).name
+    return run_questions(a, questions, model, tok, gcfg, model_id=model_id)
 
 
 def _score_parser(prog: str, out: bool) -> argparse.ArgumentParser:

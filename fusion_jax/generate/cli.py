@@ -39,8 +39,9 @@ def generation_config(args) -> GenerationConfig:
                             template=args.template, stop=tuple(args.stop) if args.stop else None)
 
 
-def load_for_cli(args):
-    """(tokenizer, model) from the shared --ckpt / --tokenizer / --image-grid / --early-mask-mode options."""
+def load_for_cli(args, **load_kw):
+    """(tokenizer, model) from the shared --ckpt / --tokenizer / --image-grid / --early-mask-mode options;
+    `load_kw` (mesh=, dtype=, config overrides) go to `load_model`."""
     from fusion_jax.data.tokenizer import load_tokenizer
     tok = load_tokenizer(find_tokenizer_dir(args.ckpt, args.tokenizer))
     overrides = {}
@@ -48,7 +49,7 @@ def load_for_cli(args):
         overrides["image_token_grid"] = int(args.image_grid)
     if args.early_mask_mode:
         overrides["early_mask_mode"] = args.early_mask_mode
-    model = load_model(args.ckpt, **overrides)
+    model = load_model(args.ckpt, **overrides, **load_kw)
     pick_query_len(model.cfg, args.query_len)
     return tok, model
 

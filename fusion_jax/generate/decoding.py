@@ -174,3 +174,53 @@ def generate_nocache(model, batch, *, max_new_tokens: int):
 
     _, _, toks = jax.lax.fori_loop(0, N, body, (x, mask, jnp.zeros((B, N), jnp.int32)))
     return toks
+
+
+# ----------------------------------------------------------------------------- cache extension (chat)
+
+@partial(nnx.jit, static_argnames=("query_len",))
+def encode_vision(model, batch, *, query_len: int):
+    """The vision side of a prefill, kept across chat turns: image features, the initial
+    latents and the interaction windows (what `prefill` computes before splicing)."""
+    enc = model.encode(batch, query_len)
+    return {"image_features": enc["image_features"], "init_latent": enc["init_latent"],
+            "windows": _windows(model, enc, query_len)}
+
+
+@nnx.jit
+def extend(model, seg, vision, cache, kv_mask, start):
+    """Write a segment into a KV cache: one prefill over positions start .. start + S - 1
+    (the cache keeps positions < start; anything it held from `start` on is discarded).
+
+    seg: a laid-out batch of the new positions only ([B, S] token_ids / attention_mask, and
+    image_pos / latent_pos / latent_fill_pos / instruct_pos relative to the segment start,
+    -1 when unused). The interaction layers refine the segment's latent blocks from its own
+    instruct positions; earlier positions are read from the cache, exactly as a full prefill
+    of the whole sequence would compute them (attention is causal and each latent block
+    depends only on positions up to its instruct position).
+    Returns (logits of the last real segment token [B, V], cache, kv_mask).
+    """
+    B, S = seg["token_ids"].shape
+    x = model.splice(seg, vision)
+    slots = jnp.arange(kv_mask.shape[1])
+    n = seg["attention_mask"].sum(-1).astype(jnp.int32)
+    # slots from `start` on are replaced: what the cache held there (e.g. the ids of an answer
+    # that re-tokenizes differently) is dropped, then the segment's real slots become valid
+    kv_mask = (kv_mask & (slots[None] < start[:, None])) | (
+        (slots[None] >= start[:, None]) & (slots[None] < (start + n)[:, None]))
+    pos = start[:, None] + jnp.arange(S, dtype=jnp.int32)[None]
+    h, cache, _ = model.decode(x, seg, vision["windows"], cache=cache, cache_index=start,
+                               keep=causal_keep(kv_mask, pos), position_ids=pos)
+    last = jnp.take_along_axis(h, (n - 1)[:, None, None], axis=1)[:, 0]
+    return model.logits(last), cache, kv_mask
+
+
+@partial(nnx.jit, static_argnames=("temperature", "top_k", "top_p"))
+def next_token(model, logits, cache, kv_mask, pos, rng, *, temperature, top_k, top_p):
+    """`generate`'s emit-then-decode for one token, for streaming from the host: picks the token
+    from `logits` with the rng split as `generate` splits it, then writes it at slot `pos`.
+    Returns (token [B], rng, logits of the next token, cache, kv_mask)."""
+    rng, sub = jax.random.split(rng)
+    tok = pick_token(logits, sub, temperature, top_k, top_p)
+    logits, cache, kv_mask = decode_step(model, tok, cache, kv_mask, pos)
+    return tok, rng, logits, cache, kv_mask
