@@ -81,9 +81,9 @@ def test_prompts_match_the_reference(tok, name, bench, opts):
 
 @pytest.mark.parametrize("name,bench,opts", [c for c in CASES if c[1] != "mmmu"])
 def test_answer_records_match_the_reference(name, bench, opts):
-    from fusion_jax.eval.bench_cli import attach_meta
-    qs = _questions(bench, **opts)
-    rows = attach_meta([{"question_id": q["question_id"], "prompt": q["text"], "text": "x"} for q in qs], qs)
+    from fusion_jax.eval.bench_cli import with_answer_fields
+    from fusion_jax.eval.runner import answer_record
+    rows = [answer_record(q, "x", "m") for q in with_answer_fields(_questions(bench, **opts))]
     ref = [json.loads(x) for x in open(os.path.join(REF, "recorded", "answers", f"{name}.jsonl"), encoding="utf-8")]
     if bench == "scienceqa":
         rows = [r for r in rows if r["question_id"] != "5"]        # the fixture's unanswered question
