@@ -18,9 +18,11 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from fusion_jax.attention import KeyMask, backend_platform
+from fusion_jax.nn import ATTENTION_NAME
 
 BLOCKS = (512, 256, 128)   # splash block sizes tried, largest first (no more padding than 128 needs)
 
@@ -51,7 +53,7 @@ def splash_kernel(heads: int, q_len: int, kv_len: int, causal: bool, window: tup
                           block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
     with jax.ensure_compile_time_eval():   # concrete mask tables: the cached kernel outlives this trace
         return sa.make_splash_mha(sa.MultiHeadMask([mask] * heads), block_sizes=sizes, head_shards=1,
-                                  q_seq_shards=1, interpret=interpret)
+                                  q_seq_shards=1, interpret=interpret, residual_checkpoint_name=ATTENTION_NAME)
 
 
 def _shard_mapped(fn, q, k, v, *per_sample):
@@ -91,15 +93,16 @@ def splash(q, k, v, key_valid=None, *, causal=False, window=None):
     def per_device(q, k, v, *seg):
         return jax.vmap(one)(q, k, v, *seg)
 
-    return _shard_mapped(per_device, q, k, v, *extra)[:, :Q]
+    return checkpoint_name(_shard_mapped(per_device, q, k, v, *extra)[:, :Q], ATTENTION_NAME)
 
 
 def cudnn(q, k, v, key_valid=None, *, causal=False, implementation="cudnn"):
     """jax.nn.dot_product_attention; padding as key lengths (a prefix mask). `implementation="xla"`
     runs the same call through XLA (what the CPU tests check the argument mapping with)."""
     lengths = None if key_valid is None else jnp.sum(key_valid.astype(jnp.int32), axis=-1)
-    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, key_value_seq_lengths=lengths,
-                                        implementation=implementation)
+    o = jax.nn.dot_product_attention(q, k, v, is_causal=causal, key_value_seq_lengths=lengths,
+                                     implementation=implementation)
+    return checkpoint_name(o, ATTENTION_NAME)
 
 
 def fused_attention(impl: str, q, k, v, mask: KeyMask | None, **kw):

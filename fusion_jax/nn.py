@@ -165,15 +165,35 @@ def scan_layers(layers: nnx.Module, body, carry, xs=None, *, unroll: bool = Fals
     return jax.lax.scan(step, carry, (state, xs))
 
 
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_with_no_batch_dims_saveable", "offload_dot",
+                  "nothing")
+ATTENTION_NAME = "attention"   # checkpoint name of the fused attention kernels' output and residuals
+
+
+def remat_policy(policy: str):
+    """The jax.checkpoint policy of a `remat_policy` setting (None: save nothing).
+
+    dots_with_no_batch_dims_saveable: save the weight matmuls' outputs (jax's policy of that name);
+    dots_no_batch: the same plus the fused attention's output and residuals, so the backward does
+    not rerun the attention kernel; offload_dot: those matmul outputs go to host memory
+    (`pinned_host`) instead of staying in HBM, and come back for the backward.
+    """
+    cp = jax.checkpoint_policies
+    pol = {
+        "full": None,
+        "dots": cp.checkpoint_dots,
+        "dots_no_batch": cp.save_from_both_policies(cp.dots_with_no_batch_dims_saveable,
+                                                    cp.save_only_these_names(ATTENTION_NAME)),
+        "dots_with_no_batch_dims_saveable": cp.dots_with_no_batch_dims_saveable,
+        "offload_dot": cp.offload_dot_with_no_batch_dims("device", "pinned_host"),
+        "nothing": cp.nothing_saveable,
+    }
+    if policy not in pol:
+        raise ValueError(f"remat_policy={policy!r}: expected one of {', '.join(REMAT_POLICIES)}")
+    return pol[policy]
+
+
 def remat(fn, policy: str):
     if policy in (None, "none"):
         return fn
-    pol = {
-        "full": None,
-        "dots": jax.checkpoint_policies.checkpoint_dots,
-        "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-        "nothing": jax.checkpoint_policies.nothing_saveable,
-    }
-    if policy not in pol:
-        raise ValueError(f"remat_policy={policy!r}: expected one of none, {', '.join(pol)}")
-    return jax.checkpoint(fn, policy=pol[policy], prevent_cse=False)
+    return jax.checkpoint(fn, policy=remat_policy(policy), prevent_cse=False)

@@ -17,6 +17,7 @@ from fusion_jax.sharding import logical_shardings, make_mesh, shard_batch
 from fusion_jax.synth import SynthConfig
 from fusion_jax.train import checkpoint as ckpt_lib
 from fusion_jax.train import optim, presets, resume
+from fusion_jax.nn import REMAT_POLICIES
 from fusion_jax.train import step as step_lib
 from fusion_jax.train.data import build_iterator, prepare_synth
 from fusion_jax.train.guards import SkipBudget
@@ -25,7 +26,6 @@ from fusion_jax.train.metrics import MetricsLogger, TrainingError, batch_info, f
 
 __all__ = ["Setup", "TrainingError", "resolve_model_config", "train", "validate"]
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "nothing")
 
 
 def maybe_initialize_distributed():
