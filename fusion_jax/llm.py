@@ -11,10 +11,11 @@ import math
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from fusion_jax.attention import KeyMask, attention
 from fusion_jax.config import LLMConfig
-from fusion_jax.nn import ACT, Linear, RMSNorm, dtype_of
+from fusion_jax.nn import ACT, LAYER_INPUT_NAME, Linear, RMSNorm, dtype_of
 
 # ----------------------------------------------------------------------------- RoPE
 
@@ -159,6 +160,7 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, rngs=rngs, linear_2d=linear_2d, **kw)
 
     def __call__(self, x, cos, sin, keep, cache=None, cache_index=None):
+        x = checkpoint_name(x, LAYER_INPUT_NAME)   # remat_policy offload_dot keeps it in host memory
         a, cache = self.self_attn(self.input_layernorm(x), cos, sin, keep, cache, cache_index)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), cache

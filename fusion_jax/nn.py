@@ -168,6 +168,7 @@ def scan_layers(layers: nnx.Module, body, carry, xs=None, *, unroll: bool = Fals
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_with_no_batch_dims_saveable", "offload_dot",
                   "nothing")
 ATTENTION_NAME = "attention"   # checkpoint name of the fused attention kernels' output and residuals
+LAYER_INPUT_NAME = "decoder_layer_input"   # checkpoint name of a decoder layer's input (offload_dot)
 
 
 def remat_policy(policy: str):
@@ -175,8 +176,8 @@ def remat_policy(policy: str):
 
     dots_with_no_batch_dims_saveable: save the weight matmuls' outputs (jax's policy of that name);
     dots_no_batch: the same plus the fused attention's output and residuals, so the backward does
-    not rerun the attention kernel; offload_dot: those matmul outputs go to host memory
-    (`pinned_host`) instead of staying in HBM, and come back for the backward.
+    not rerun the attention kernel; offload_dot: the decoder layers' inputs (what `full` keeps in
+    HBM) and those matmul outputs go to host memory (`pinned_host`) and come back for the backward.
     """
     cp = jax.checkpoint_policies
     pol = {
@@ -185,7 +186,11 @@ def remat_policy(policy: str):
         "dots_no_batch": cp.save_from_both_policies(cp.dots_with_no_batch_dims_saveable,
                                                     cp.save_only_these_names(ATTENTION_NAME)),
         "dots_with_no_batch_dims_saveable": cp.dots_with_no_batch_dims_saveable,
-        "offload_dot": cp.offload_dot_with_no_batch_dims("device", "pinned_host"),
+        "offload_dot": cp.save_from_both_policies(
+            cp.save_and_offload_only_these_names(names_which_can_be_saved=[],
+                                                 names_which_can_be_offloaded=[LAYER_INPUT_NAME],
+                                                 offload_src="device", offload_dst="pinned_host"),
+            cp.offload_dot_with_no_batch_dims("device", "pinned_host")),
         "nothing": cp.nothing_saveable,
     }
     if policy not in pol:
