@@ -171,6 +171,20 @@ ATTENTION_NAME = "attention"   # checkpoint name of the fused attention kernels'
 LAYER_INPUT_NAME = "decoder_layer_input"   # checkpoint name of a decoder layer's input (offload_dot)
 
 
+def _offload_dot():
+    """Offload the decoder layer input (by name) and the matmuls without batch dims to pinned_host
+    (jax's save_from_both_policies takes only boolean policies)."""
+    cp = jax.checkpoint_policies
+    names = cp.save_and_offload_only_these_names(names_which_can_be_saved=[],
+                                                 names_which_can_be_offloaded=[LAYER_INPUT_NAME],
+                                                 offload_src="device", offload_dst="pinned_host")
+    dots = cp.offload_dot_with_no_batch_dims("device", "pinned_host")
+
+    def policy(prim, *args, **params):
+        return (names if "name" in params else dots)(prim, *args, **params)
+    return policy
+
+
 def remat_policy(policy: str):
     """The jax.checkpoint policy of a `remat_policy` setting (None: save nothing).
 
@@ -186,11 +200,7 @@ def remat_policy(policy: str):
         "dots_no_batch": cp.save_from_both_policies(cp.dots_with_no_batch_dims_saveable,
                                                     cp.save_only_these_names(ATTENTION_NAME)),
         "dots_with_no_batch_dims_saveable": cp.dots_with_no_batch_dims_saveable,
-        "offload_dot": cp.save_from_both_policies(
-            cp.save_and_offload_only_these_names(names_which_can_be_saved=[],
-                                                 names_which_can_be_offloaded=[LAYER_INPUT_NAME],
-                                                 offload_src="device", offload_dst="pinned_host"),
-            cp.offload_dot_with_no_batch_dims("device", "pinned_host")),
+        "offload_dot": _offload_dot(),
         "nothing": cp.nothing_saveable,
     }
     if policy not in pol:
