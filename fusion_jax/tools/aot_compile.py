@@ -298,6 +298,10 @@ def _gib(x):
     return "?" if x is None else f"{x / GiB:.2f} GiB"
 
 
+def _size(x):
+    return _gib(x) if x >= GiB else f"{x / 2 ** 20:.1f} MiB"
+
+
 def format_report(r: dict) -> str:
     lines = [f"topology        {r['topology']} ({r['num_devices']} x {r['device_kind']}), mesh {r['mesh']}",
              f"step            batch {r['global_batch']} x {r['seq_len']} (grad_accum {r['grad_accum']}, "
@@ -331,7 +335,7 @@ def policy_table(reports: list[dict]) -> str:
             "|---|---|---|---|---|"]
     for r in reports:
         if "argument_bytes" in r:
-            mem = f"{_gib(r['argument_bytes'])} / {_gib(r['temp_bytes'])} / {_gib(r['bytes_per_device'])}"
+            mem = " / ".join(_size(r[k]) for k in ("argument_bytes", "temp_bytes", "bytes_per_device"))
             fl = f"{r['flops_per_device']:.4g}"
         else:
             mem, fl = f"over HBM: {_gib(r.get('bytes_per_device'))} ({r.get('status')})", "-"
