@@ -157,3 +157,27 @@ def test_host_offload_setting():
                                     offload_opt=True)
     assert all(s.memory_kind == "pinned_host" for s in jax.tree.leaves(sh["opt_state"]))
     assert sh["params"]["w"].memory_kind in (None, "device")
+
+
+@pytest.mark.parametrize("policy", ["dots_no_batch", "dots_with_no_batch_dims_saveable", "offload_dot"])
+def test_remat_policies_keep_gradients(policy):
+    """Every new policy (offload_dot: host memory on this backend too) gives the gradients of no remat."""
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.ad_checkpoint import checkpoint_name
+
+    from fusion_jax.nn import LAYER_INPUT_NAME, remat
+    r = np.random.default_rng(0)
+    ws, x = jnp.asarray(r.normal(size=(3, 16, 16)) / 4, jnp.float32), jnp.asarray(r.normal(size=(4, 16)), jnp.float32)
+
+    def loss(ws, x, pol):
+        def step(c, w):
+            c = checkpoint_name(c, LAYER_INPUT_NAME)
+            return jnp.tanh(c @ w) + c, None
+        return jnp.sum(jnp.sin(jax.lax.scan(remat(step, pol), x, ws)[0]))
+
+    with jax.default_matmul_precision("highest"):
+        ref = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(ws, x, "none")
+        got = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(ws, x, policy)
+    for a, b in zip(ref, got, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
