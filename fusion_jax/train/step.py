@@ -161,7 +161,7 @@ class StepOptions:
     grad_accum: int = 1
     donate: bool = True
     skip_nonfinite: bool = True   # keep the old state when loss or grad norm is NaN/Inf
-    offload_opt: bool = False     # optimizer state in host memory between steps (config.optim.offload)
+    offload_opt: bool = False     # optimizer state in host memory between steps (config.optim.host_offload)
 
 
 def _split_micro(x, A: int, mesh):
