@@ -9,8 +9,10 @@ generation tokens/s, on synthetic laid-out batches (no data pipeline: see bench_
 
 The step is the real one (fusion_jax.train.loop.Setup: AdamW update, clipping, sharding), with the
 config's compute dtype (bf16 for the 3B/8B configs) and the chosen remat policies. MFU = analytic
-model FLOPs (fusion_jax.train.flops, remat not counted) / (step time x devices x bf16 peak); the
-device is named in the output. `--llm-layers N` shortens the decoder (e.g. a 3B-class model whose
+model FLOPs (fusion_jax.train.flops, remat not counted) / (step time x devices x bf16 peak of the
+device, or of `--chip NAME`); the device is named in the output. `--attention cudnn|splash|xla` picks
+the attention kernel, `--profile DIR` writes a jax.profiler trace of 3 more steps.
+`--llm-layers N` shortens the decoder (e.g. a 3B-class model whose
 fp32 Adam state fits one 80 GB GPU); FLOPs are counted for the model actually run.
 """
 from __future__ import annotations
@@ -116,8 +118,36 @@ def parse_args(argv=None):
     p.add_argument("--llm-layers", type=int, default=None, help="shorten the decoder (3B-class on one GPU)")
     p.add_argument("--vocab", type=int, default=392, help="tiny model vocab")
     p.add_argument("--generate", type=int, default=32, help="also time greedy generation of N tokens (0: off)")
+    p.add_argument("--attention", default=None, help="attention_impl (default: the config's; auto)")
+    p.add_argument("--chip", default=None, help="name the chip whose bf16 peak MFU is against (h100, v5e, ...; "
+                   "default: the device's kind)")
+    p.add_argument("--profile", default=None, help="write a jax.profiler trace of 3 steps to this directory")
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
+
+
+def chip_peak(chip: str | None):
+    """(name, bf16 peak FLOP/s per device) of --chip, else of the local device (None on CPU)."""
+    import jax
+
+    from fusion_jax.train import flops
+    if chip is None:
+        return jax.devices()[0].device_kind, flops.peak_flops()
+    peak = next((v for k, v in flops.PEAK_FLOPS if k in chip.lower()), None)
+    if peak is None:
+        raise SystemExit(f"--chip {chip}: no bf16 peak known (fusion_jax.train.flops.PEAK_FLOPS)")
+    return chip, peak
+
+
+def profile_steps(compiled, state, batch, logdir: str, n: int = 3):
+    """A trace of n steps (TensorBoard / Perfetto: `tensorboard --logdir DIR`)."""
+    import jax
+    with jax.profiler.trace(logdir):
+        for _ in range(n):
+            state, m = compiled(state, batch)
+        jax.block_until_ready(m)
+    print(f"profile: {n} steps traced to {logdir}", flush=True)
+    return state
 
 
 def main(argv=None):
@@ -140,6 +170,8 @@ def main(argv=None):
             tc.model.compute_dtype = a.compute_dtype
         if a.seq:
             tc.data.max_length = a.seq
+        if a.attention:
+            tc.model.attention_impl = a.attention
     cfg = loop.resolve_model_config(tc, a.vocab)
     if a.llm_layers:
         cfg = cfg.replace(llm=dataclasses.replace(cfg.llm, num_hidden_layers=a.llm_layers))
@@ -167,8 +199,9 @@ def main(argv=None):
     n_dev = jax.device_count()
     tokens = int(np.asarray(raw["attention_mask"]).sum())
     fl = flops.train_flops_per_step(cfg, {k: v.shape for k, v in batch.items()})
-    peak = flops.peak_flops()
+    chip, peak = chip_peak(a.chip)
     res = {"device": device_name(), "num_devices": n_dev, "config": a.config, "n_params": n_params,
+           "chip": chip, "peak_flops_per_device": peak, "attention_impl": cfg.attention_impl,
            "batch": a.batch, "seq": S, "query_len": q, "mesh": dict(s.mesh.shape),
            "remat": tc.model.remat_policy, "vision_remat": tc.model.vision_remat_policy,
            "compute_dtype": cfg.compute_dtype, "llm_layers": cfg.llm.num_hidden_layers,
@@ -182,6 +215,9 @@ def main(argv=None):
           f"{res['remat']}/{res['vision_remat']} | batch {a.batch} x {S} (q {q}) | compile {t_compile:.1f}s | "
           f"step {dt * 1e3:.1f} ms | {res['tokens_per_s_per_device']:,.0f} tok/s/device | "
           f"{res['model_tflops_per_s_per_device']:.2f} TFLOP/s/device | MFU {mfu}", flush=True)
+    if a.profile:
+        state = profile_steps(compiled, state, batch, a.profile)
+        res["profile_dir"] = a.profile
     if a.generate:
         res["generate"] = time_generate(s, state, cfg, S, q, a.instruct_len, a.generate)
     if a.json:

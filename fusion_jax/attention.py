@@ -1,4 +1,4 @@
-"""Scaled dot-product attention with three equivalent implementations.
+"""Scaled dot-product attention: three XLA implementations and two fused kernels.
 
 `xla`: einsums over the whole batch (what accelerators want; SPMD shards the batch).
 `loop` (the CPU choice, one device): `lax.map` over (sample, kv-head) with a rematerialised
@@ -7,9 +7,18 @@ stay in cache and the backward recomputes them instead of streaming B*H*Q*K prob
 through memory: ~2.5x faster fwd+bwd on 2 cores.
 `chunked`: the `xla` math over query chunks of `CHUNK` rows under remat, so a layer holds
 [B, H, CHUNK, K] scores instead of [B, H, Q, K] (long sequences on accelerators).
-`auto`: `chunked` above `CHUNK` queries, else `xla`.
+`splash` (TPU): Pallas splash attention (`fusion_jax.attention_kernels`), interpret mode elsewhere.
+`cudnn` (GPU): `jax.nn.dot_product_attention(implementation="cudnn")`, bf16/fp16 only.
+`auto`: `splash` on TPU, `cudnn` on GPU in bf16/fp16; else (CPU: today's path, bit for bit)
+`chunked` above `CHUNK` queries, `xla` below.
+
+The fused kernels take structured masks only (`KeyMask`: causal and/or per-key validity, optionally
+a different key validity for the first rows, plus `uniform` rows). A call with a dense [B, Q, K]
+`keep` (the KV-cache prefill/decode) runs the XLA path whatever the setting (docs/pod_readiness.md).
 """
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -18,12 +27,56 @@ import numpy as np
 NEG = float(np.finfo(np.float32).min)
 LOOP_MIN_QUERIES = 256  # short sequences (decode, tiny test models): the batched form compiles faster
 CHUNK = 512
-IMPLS = ("auto", "xla", "loop", "chunked")
+IMPLS = ("auto", "xla", "loop", "chunked", "splash", "cudnn")
+FUSED = ("splash", "cudnn")
+HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-def resolve_impl(impl: str, num_queries: int) -> str:
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KeyMask:
+    """A mask the fused kernels can express: query i sees key j iff key_valid[b, j] (and j <= i if
+    `causal`). Rows i < `first_rows` use `first_key_valid` instead (TUNE's intended early mask)."""
+    key_valid: jax.Array | None = None                   # [B, K] bool; None: every key
+    first_key_valid: jax.Array | None = None             # [B, K] bool for rows < first_rows
+    causal: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    first_rows: int = dataclasses.field(default=0, metadata=dict(static=True))
+
+    def dense(self, B: int, Q: int, K: int):
+        """[B, Q, K] bool, the same booleans the XLA path always used."""
+        kv = jnp.ones((B, 1, K), bool) if self.key_valid is None else self.key_valid.astype(bool)[:, None, :]
+        if self.first_rows:
+            kv = jnp.where((jnp.arange(Q) < self.first_rows)[None, :, None],
+                           self.first_key_valid.astype(bool)[:, None, :], kv)
+        if self.causal:
+            kidx = jnp.arange(K)
+            kv = (kidx[None, None, :] <= jnp.broadcast_to(kidx[:Q], (B, Q))[:, :, None]) & kv
+        return jnp.broadcast_to(kv, (B, Q, K))
+
+
+def backend_platform() -> str:
+    """The platform the traced program is for: the mesh's devices (AOT for a TPU from a CPU host
+    included), else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    dev = None if mesh is None or mesh.empty else getattr(mesh, "abstract_device", None)
+    plat = getattr(dev, "platform", None) or jax.default_backend()
+    return "gpu" if plat in ("cuda", "rocm") else plat
+
+
+def resolve_impl(impl: str, num_queries: int, dtype=None, dense_mask: bool = False) -> str:
+    """The implementation one call runs. `dense_mask`: the call has a [B, Q, K] mask no kernel takes."""
     if impl not in IMPLS:
         raise ValueError(f"attention_impl={impl!r}: expected one of {', '.join(IMPLS)}")
+    if impl == "auto" and not dense_mask:
+        plat = backend_platform()
+        if plat == "tpu":
+            return "splash"
+        if plat == "gpu" and dtype is not None and jnp.dtype(dtype) in HALF:
+            return "cudnn"
+    if impl in FUSED:
+        if not dense_mask:
+            return impl
+        impl = "auto"
     if impl == "loop":
         return "loop" if num_queries >= LOOP_MIN_QUERIES else "xla"
     if impl == "chunked" or (impl == "auto" and num_queries > CHUNK):
@@ -43,15 +96,25 @@ def _masked(s, keep, uniform):
 def attention(q, k, v, *, keep=None, uniform=None, impl: str = "auto"):
     """q [B, Q, H, d], k/v [B, K, KV, d] (H a multiple of KV) -> [B, Q, H, d].
 
-    keep [B, Q, K] bool (False: masked with float32 min, like HF eager); uniform [B, Q]
-    bool rows whose scores are all set to 0 after masking (the reference's early-layer
-    quirk). Scores are scaled by d**-0.5 in the compute dtype, softmax runs in float32.
+    keep: a `KeyMask`, or [B, Q, K] bool (False: masked with float32 min, like HF eager; XLA
+    only); uniform [B, Q] bool rows whose scores are all set to 0 after masking (the reference's
+    early-layer quirk: those rows average every value). Scores are scaled by d**-0.5 in the
+    compute dtype, softmax runs in float32.
     """
     B, Q, H, d = q.shape
     K, KV = k.shape[1], k.shape[2]
     G = H // KV
     scale = d ** -0.5
-    impl = resolve_impl(impl, Q)
+    impl = resolve_impl(impl, Q, q.dtype, dense_mask=keep is not None and not isinstance(keep, KeyMask))
+    if impl in FUSED:
+        from fusion_jax.attention_kernels import fused_attention
+        o = fused_attention(impl, q, k, v, keep)
+        if uniform is None:
+            return o
+        mean_v = jnp.repeat(jnp.mean(v.astype(jnp.float32), axis=1), G, axis=1).astype(o.dtype)  # [B, H, d]
+        return jnp.where(uniform[:, :, None, None], mean_v[:, None], o)
+    if isinstance(keep, KeyMask):
+        keep = keep.dense(B, Q, K)
 
     def dense(q, keep, uniform):
         n = q.shape[1]

@@ -138,9 +138,9 @@ class FusionConfig:
     compute_dtype: str = "float32"           # "bfloat16" for training
     param_dtype: str = "float32"
     scan_layers: bool = True
-    remat_policy: str = "none"               # decoder layers: none | full | dots | dots_no_batch | nothing
+    remat_policy: str = "none"               # decoder layers: fusion_jax.nn.REMAT_POLICIES
     vision_remat_policy: str | None = None   # vision layers; None = same as remat_policy
-    attention_impl: str = "auto"             # auto | xla | loop | chunked (fusion_jax.attention)
+    attention_impl: str = "auto"             # auto | xla | loop | chunked | splash | cudnn (fusion_jax.attention)
     loss_chunk: int = 256                    # train-step CE: head + CE over chunks of target rows
     # CPU choices (the tiny preset and the `small` benchmark). Both change the program per device, so
     # keep them off on a multi-device mesh: a 2-D matmul merges the sharded batch axis (XLA:CPU's SPMD

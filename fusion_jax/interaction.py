@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fusion_jax.attention import FUSED, resolve_impl
 from fusion_jax.nn import LayerNorm, Linear, gelu_exact
 
 
@@ -28,12 +29,12 @@ class NormLinear(nnx.Module):
 
 
 class CrossAttention(nnx.Module):
-    def __init__(self, dim, heads, **kw):
+    def __init__(self, dim, heads, *, attn_impl="auto", **kw):
         self.q_proj = NormLinear(dim, dim, **kw)
         self.k_proj = NormLinear(dim, dim, **kw)
         self.v_proj = NormLinear(dim, dim, **kw)
         self.o_proj = Linear(dim, dim, use_bias=False, axes=("heads", "embed"), **kw)
-        self.heads = heads
+        self.heads, self.attn_impl = heads, attn_impl
 
     def __call__(self, x, ctx):
         """x [B, n_q, q, D] (one query per latent token); ctx [B, q, W, D] (its window)."""
@@ -43,6 +44,10 @@ class CrossAttention(nnx.Module):
         q = self.q_proj(x).reshape(B, n_q, Q, H, hd)
         k = self.k_proj(ctx).reshape(B, Q, -1, H, hd)
         v = self.v_proj(ctx).reshape(B, Q, -1, H, hd)
+        impl = resolve_impl(self.attn_impl, Q * n_q, q.dtype)
+        if impl in FUSED:   # the window mask as a kernel mask (attention_kernels.window_attention)
+            from fusion_jax.attention_kernels import window_attention
+            return self.o_proj(window_attention(impl, q, k, v).reshape(B, n_q, Q, D))
         s = jnp.einsum("blqhd,bqwhd->blqhw", q, k).astype(jnp.float32) * (hd ** -0.5)
         p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
         o = jnp.einsum("blqhw,bqwhd->blqhd", p, v).reshape(B, n_q, Q, D)
@@ -64,12 +69,12 @@ class InteractionLayer(nnx.Module):
     """One VisionCrossAttentionLayer (q_dim = kv_dim = hidden = D)."""
 
     def __init__(self, dim, heads=16, *, stack=(), rngs, param_dtype="float32", dtype="float32",
-                 linear_2d=False):
+                 linear_2d=False, attn_impl="auto"):
         kw = dict(stack=stack, rngs=rngs, param_dtype=param_dtype, dtype=dtype, linear_2d=linear_2d)
         self.proj_in = Linear(2 * dim, dim, use_bias=False, axes=("mlp", "embed"), **kw)
         self.proj_out = ProjOut(dim, **kw)
         self.norm = LayerNorm(dim, stack=stack, param_dtype=param_dtype, dtype=dtype)
-        self.cross_attn = CrossAttention(dim, heads, **kw)
+        self.cross_attn = CrossAttention(dim, heads, attn_impl=attn_impl, **kw)
         self.proj_context = Linear(dim, dim, use_bias=False, axes=("embed", "mlp"), **kw)
 
     def refine(self, queries, image_tokens, windows):

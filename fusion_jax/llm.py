@@ -11,10 +11,11 @@ import math
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
-from fusion_jax.attention import attention
+from fusion_jax.attention import KeyMask, attention
 from fusion_jax.config import LLMConfig
-from fusion_jax.nn import ACT, Linear, RMSNorm, dtype_of
+from fusion_jax.nn import ACT, LAYER_INPUT_NAME, Linear, RMSNorm, dtype_of
 
 # ----------------------------------------------------------------------------- RoPE
 
@@ -159,21 +160,22 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, rngs=rngs, linear_2d=linear_2d, **kw)
 
     def __call__(self, x, cos, sin, keep, cache=None, cache_index=None):
+        x = checkpoint_name(x, LAYER_INPUT_NAME)   # remat_policy offload_dot keeps it in host memory
         a, cache = self.self_attn(self.input_layernorm(x), cos, sin, keep, cache, cache_index)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
 def causal_keep(attention_mask, q_positions=None):
-    """[B, Q, K] bool: key valid and not in the future.
+    """Key valid and not in the future.
 
-    Without a cache, Q = K = S and position = index. With a cache (attention_mask over its
-    K slots), `q_positions` [B, Q] are the absolute slot indices of the queries.
+    Without a cache (Q = K = S, position = index): a `KeyMask` (causal + padding), which the fused
+    kernels take. With a cache (attention_mask over its K slots), `q_positions` [B, Q] are the
+    absolute slot indices of the queries and the mask is [B, Q, K] bool (the XLA path).
     """
-    B, K = attention_mask.shape
-    kidx = jnp.arange(K)
     if q_positions is None:
-        q_positions = jnp.broadcast_to(kidx, (B, K))
+        return KeyMask(attention_mask.astype(bool), causal=True)
+    kidx = jnp.arange(attention_mask.shape[1])
     return (kidx[None, None, :] <= q_positions[:, :, None]) & attention_mask[:, None, :].astype(bool)
 
 

@@ -43,7 +43,8 @@ class FusionModel(nnx.Module):
         n = cfg.num_sampler_layers if cfg.use_card else 0
         # CARD's interaction layers, under the reference's parameter name
         self.vision_sampler_layers = (InteractionLayer(c.hidden_size, cfg.sampler_heads, stack=(n,),
-                                                       rngs=rngs, **kw) if n else None)
+                                                       rngs=rngs, attn_impl=cfg.attention_impl, **kw)
+                                      if n else None)
 
 
 class FusionForCausalLM(nnx.Module):

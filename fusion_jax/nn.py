@@ -165,15 +165,50 @@ def scan_layers(layers: nnx.Module, body, carry, xs=None, *, unroll: bool = Fals
     return jax.lax.scan(step, carry, (state, xs))
 
 
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_with_no_batch_dims_saveable", "offload_dot",
+                  "nothing")
+ATTENTION_NAME = "attention"   # checkpoint name of the fused attention kernels' output and residuals
+LAYER_INPUT_NAME = "decoder_layer_input"   # checkpoint name of a decoder layer's input (offload_dot)
+
+
+def _offload_dot():
+    """Offload the decoder layer input (by name) and the matmuls without batch dims to pinned_host
+    (jax's save_from_both_policies takes only boolean policies)."""
+    cp = jax.checkpoint_policies
+    names = cp.save_and_offload_only_these_names(names_which_can_be_saved=[],
+                                                 names_which_can_be_offloaded=[LAYER_INPUT_NAME],
+                                                 offload_src="device", offload_dst="pinned_host")
+    dots = cp.offload_dot_with_no_batch_dims("device", "pinned_host")
+
+    def policy(prim, *args, **params):
+        return (names if "name" in params else dots)(prim, *args, **params)
+    return policy
+
+
+def remat_policy(policy: str):
+    """The jax.checkpoint policy of a `remat_policy` setting (None: save nothing).
+
+    dots_with_no_batch_dims_saveable: save the weight matmuls' outputs (jax's policy of that name);
+    dots_no_batch: the same plus the fused attention's output and residuals, so the backward does
+    not rerun the attention kernel; offload_dot: the decoder layers' inputs (what `full` keeps in
+    HBM) and those matmul outputs go to host memory (`pinned_host`) and come back for the backward.
+    """
+    cp = jax.checkpoint_policies
+    pol = {
+        "full": None,
+        "dots": cp.checkpoint_dots,
+        "dots_no_batch": cp.save_from_both_policies(cp.dots_with_no_batch_dims_saveable,
+                                                    cp.save_only_these_names(ATTENTION_NAME)),
+        "dots_with_no_batch_dims_saveable": cp.dots_with_no_batch_dims_saveable,
+        "offload_dot": _offload_dot(),
+        "nothing": cp.nothing_saveable,
+    }
+    if policy not in pol:
+        raise ValueError(f"remat_policy={policy!r}: expected one of {', '.join(REMAT_POLICIES)}")
+    return pol[policy]
+
+
 def remat(fn, policy: str):
     if policy in (None, "none"):
         return fn
-    pol = {
-        "full": None,
-        "dots": jax.checkpoint_policies.checkpoint_dots,
-        "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-        "nothing": jax.checkpoint_policies.nothing_saveable,
-    }
-    if policy not in pol:
-        raise ValueError(f"remat_policy={policy!r}: expected one of none, {', '.join(pol)}")
-    return jax.checkpoint(fn, policy=pol[policy], prevent_cse=False)
+    return jax.checkpoint(fn, policy=remat_policy(policy), prevent_cse=False)

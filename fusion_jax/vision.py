@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fusion_jax.attention import attention
+from fusion_jax.attention import KeyMask, attention
 from fusion_jax.config import VisionConfig
 from fusion_jax.nn import ACT, LayerNorm, Linear, _param, dtype_of, remat, scan_layers
 from fusion_jax.sharding import constrain
@@ -33,7 +33,7 @@ class SiglipAttention(nnx.Module):
         self.num_heads, self.attn_impl = cfg.num_attention_heads, attn_impl
 
     def __call__(self, x, keep, uniform):
-        """keep: [B, Q, K] bool or None; uniform: [B, Q] bool rows forced uniform, or None."""
+        """keep: a KeyMask or None; uniform: [B, Q] bool rows forced uniform, or None."""
         B, N, D = x.shape
         H = self.num_heads
         hd = D // H
@@ -105,17 +105,21 @@ class SiglipVisionTower(nnx.Module):
         self.early_mask_mode, self.remat_policy, self.scan = early_mask_mode, remat_policy, scan
 
     def masks(self, B, P, instruct_mask):
-        """(keep_early, uniform_early, keep_late) for the text-guided pass."""
+        """(key_ok [B, K], uniform_early [B, Q] or None) for the text-guided pass."""
         T = instruct_mask.shape[1]
         key_ok = jnp.concatenate([jnp.ones((B, P), bool), instruct_mask.astype(bool)], 1)  # [B, K]
-        keep = jnp.broadcast_to(key_ok[:, None, :], (B, P + T, P + T))
         if self.early_mask_mode == "reference":
-            uniform = jnp.broadcast_to(jnp.arange(P + T) >= P, (B, P + T))
-            return keep, uniform, keep
-        vis_q = (jnp.arange(P + T) < P)[:, None]
-        txt_k = (jnp.arange(P + T) >= P)[None, :]
-        early = keep & ~(vis_q & txt_k)[None]
-        return early, None, keep
+            return key_ok, jnp.broadcast_to(jnp.arange(P + T) >= P, (B, P + T))
+        return key_ok, None
+
+    @staticmethod
+    def layer_mask(key_ok, uniform, is_early, P):
+        """(KeyMask, uniform rows) of one layer. reference: late mask everywhere, instruct rows
+        uniform in early layers; intended: early vision queries see only the vision keys."""
+        if uniform is not None:
+            return KeyMask(key_ok), uniform & is_early
+        vis_only = key_ok & (jnp.arange(key_ok.shape[1]) < P)[None]
+        return KeyMask(key_ok, jnp.where(is_early, vis_only, key_ok), first_rows=P), None
 
     def __call__(self, pixels, instruct_states=None, instruct_mask=None, *, return_hidden=False):
         """Returns (connector features [N, P(+T), 3D], hs0 [N, P(+T), D], hidden states or None)."""
@@ -124,20 +128,18 @@ class SiglipVisionTower(nnx.Module):
         N, P, D = x.shape
         if instruct_states is not None:
             x = jnp.concatenate([x, instruct_states.astype(x.dtype)], axis=1)
-            keep_e, uni_e, keep_l = self.masks(N, P, instruct_mask)
+            key_ok, uni_e = self.masks(N, P, instruct_mask)
         else:
-            keep_e = uni_e = keep_l = None
+            key_ok = uni_e = None
         k = cfg.split
         early = np.arange(cfg.num_layers) < k
         group = np.where(early, 0, np.where(np.arange(cfg.num_layers) < 2 * k, 1, 2))
 
         def run(st, h, is_early):
             layer = nnx.merge(layer_def, st)
-            if keep_e is None:
+            if key_ok is None:
                 return layer(h, None, None)
-            if uni_e is None:
-                return layer(h, jnp.where(is_early, keep_e, keep_l), None)
-            return layer(h, keep_l, uni_e & is_early)
+            return layer(h, *self.layer_mask(key_ok, uni_e, is_early, P))
 
         # remat the layer only: the running sums are linear and must not be saved per layer
         run = remat(run, self.remat_policy)

@@ -6,6 +6,7 @@ import json
 import os
 import textwrap
 
+import jax
 import pytest
 
 from fusion_jax.tools import aot_compile as A
@@ -107,3 +108,76 @@ def test_tpu_topology_compile(micro_cfg):
     _check_report(r, 4)
     assert r["chip"] == "v5e" and r["hbm_bytes_per_device"] == 16 << 30
     assert r["roofline_step_s"] > 0 and r["peak_flops_per_device"] == 197e12
+
+
+def test_policy_sweep_prints_one_row_per_policy(micro_cfg, capsys, monkeypatch):
+    """--policies compiles once per remat policy (here the compile is replaced by its report) and prints
+    the table: fit, bytes per device, XLA-counted FLOPs."""
+    seen = []
+
+    def fake(tc, topology, **kw):
+        seen.append((kw["remat"], kw["host_offload"]))
+        fits = kw["remat"] != "none"
+        r = {"topology": topology, "num_devices": 4, "device_kind": "TPU v5 lite", "mesh": {}, "global_batch": 4,
+             "seq_len": 96, "grad_accum": 1, "query_len": 4, "remat_policy": kw["remat"],
+             "vision_remat_policy": "full", "compute_dtype": "bfloat16", "setup_s": 0, "compile_s": 1.0,
+             "hbm_bytes_per_device": 16 << 30, "fits": fits, "status": "ok" if fits else "oom"}
+        if fits:
+            r.update(argument_bytes=1 << 30, output_bytes=1 << 30, alias_bytes=1 << 30, temp_bytes=2 << 30,
+                     code_bytes=0, bytes_per_device=3 << 30, flops_per_device=1.5e12, flops_per_step=6e12,
+                     model_flops_per_step=5e12, compiled_over_model_flops=1.2)
+        else:
+            r.update(bytes_per_device=20 << 30, error="RESOURCE_EXHAUSTED")
+        return r
+
+    monkeypatch.setattr(A, "aot_compile", fake)
+    rc = A.main(["--config", micro_cfg, "--topology", "v5e:2x2", "--policies", "none,full,offload_dot",
+                 "--host-offload", "on", "--json"])
+    captured = capsys.readouterr()
+    assert rc == 0 and seen == [("none", "on"), ("full", "on"), ("offload_dot", "on")]
+    table = [line for line in captured.err.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + 3 and "| full | yes | 1.00 GiB / 2.00 GiB / 3.00 GiB | 1.5e+12 |" in table[3]
+    assert table[2].startswith("| none | no | over HBM: 20.00 GiB")
+    r = json.loads(captured.out.strip().splitlines()[-1])
+    assert [p["remat_policy"] for p in r["policies"]] == ["none", "full", "offload_dot"] and r["fits"]
+
+
+def test_host_offload_setting():
+    from fusion_jax.train import step
+    from fusion_jax.train.flops import hbm_bytes
+    mesh = jax.make_mesh((2,), ("fsdp",), devices=jax.devices()[:2])
+    state = {"w": jax.ShapeDtypeStruct((1024,), "float32")}
+    assert step.resolve_host_offload("on", state, mesh) and not step.resolve_host_offload("off", state, mesh)
+    assert not step.resolve_host_offload("auto", state, mesh)   # CPU: no HBM to save
+    with pytest.raises(ValueError, match="host_offload"):
+        step.resolve_host_offload("yes", state, mesh)
+    assert hbm_bytes(type("D", (), {"device_kind": "TPU v5 lite"})()) == 16 << 30
+    sh = step.train_state_shardings({"params": state, "opt_state": (state, state), "step": 0, "rng": 0},
+                                    {"w": jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())}, mesh,
+                                    offload_opt=True)
+    assert all(s.memory_kind == "pinned_host" for s in jax.tree.leaves(sh["opt_state"]))
+    assert sh["params"]["w"].memory_kind in (None, "device")
+
+
+@pytest.mark.parametrize("policy", ["dots_no_batch", "dots_with_no_batch_dims_saveable", "offload_dot"])
+def test_remat_policies_keep_gradients(policy):
+    """Every new policy (offload_dot: host memory on this backend too) gives the gradients of no remat."""
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.ad_checkpoint import checkpoint_name
+
+    from fusion_jax.nn import LAYER_INPUT_NAME, remat
+    r = np.random.default_rng(0)
+    ws, x = jnp.asarray(r.normal(size=(3, 16, 16)) / 4, jnp.float32), jnp.asarray(r.normal(size=(4, 16)), jnp.float32)
+
+    def loss(ws, x, pol):
+        def step(c, w):
+            c = checkpoint_name(c, LAYER_INPUT_NAME)
+            return jnp.tanh(c @ w) + c, None
+        return jnp.sum(jnp.sin(jax.lax.scan(remat(step, pol), x, ws)[0]))
+
+    with jax.default_matmul_precision("highest"):
+        ref = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(ws, x, "none")
+        got = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(ws, x, policy)
+    for a, b in zip(ref, got, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)

@@ -3,6 +3,7 @@
     python -m fusion_jax.tools.aot_compile --config configs/fusion_8b_llama31_stage2.py \
         --topology v5p:4x4x4 --mesh 1,-1,1 [--remat full] [--vision-remat full] [--json]
     python -m fusion_jax.tools.aot_compile --config configs/tiny.py --topology cpu:8 --json
+    python -m fusion_jax.tools.aot_compile --config ... --topology v5e:2x2 --policies all   # one row per policy
 
 Nothing is allocated: the train state and the batch are abstract (`jax.ShapeDtypeStruct` with
 their shardings), the step is `fusion_jax.train.loop.Setup(...).train_step` (the jitted function
@@ -15,7 +16,11 @@ query_len, data.max_questions questions and data.max_instruct_len instruct token
 
 Reports per-device bytes (arguments, outputs, aliased, temporaries, code, total), the chip's HBM,
 whether it fits, the compiled FLOPs per step (cost analysis, all devices) against the analytic
-model FLOPs (fusion_jax.train.flops), a roofline step time and the lower/compile times. With
+model FLOPs (fusion_jax.train.flops), a roofline step time and the lower/compile times. The attention
+implementation, remat policies and optimizer-state placement are the config's (attention `auto`: splash
+on TPU; `optim.host_offload` `auto`: host memory when the state would take > 40% of HBM); --attention,
+--remat, --host-offload override them, and --policies compiles once per remat policy and prints a table
+(bytes per device, XLA-counted FLOPs with the remat recompute). With
 --json the last stdout line is one JSON object. Exit status: 0 fits, 1 does not fit (including
 a compiler out-of-memory error), 2 bad arguments or other compile failure.
 """
@@ -143,10 +148,12 @@ def _cost(compiled) -> dict:
     return dict(c or {})
 
 
-def _apply_overrides(tc, *, mesh_shape, remat, vision_remat, batch, grad_accum, compute_dtype, scan_layers, seq):
+def _apply_overrides(tc, *, mesh_shape, remat, vision_remat, batch, grad_accum, compute_dtype, scan_layers, seq,
+                     host_offload=None, attention_impl=None):
     over = {"mesh": None if mesh_shape is None else tuple(mesh_shape), "global_batch_size": batch,
             "grad_accum": grad_accum, "model.remat_policy": remat, "model.vision_remat_policy": vision_remat,
-            "model.compute_dtype": compute_dtype, "model.scan_layers": scan_layers, "data.max_length": seq}
+            "model.compute_dtype": compute_dtype, "model.scan_layers": scan_layers, "data.max_length": seq,
+            "optim.host_offload": host_offload, "model.attention_impl": attention_impl}
     with tc.unlocked():
         for key, val in over.items():
             if val is not None:
@@ -231,6 +238,7 @@ def aot_compile(tc, topology: str, *, mesh_shape=None, remat: str | None = None,
                 query_len: int | None = None, max_questions: int | None = None,
                 instruct_len: int | None = None, grad_accum: int | None = None,
                 compute_dtype: str | None = None, scan_layers: bool | None = None,
+                host_offload: str | None = None, attention_impl: str | None = None,
                 log=lambda s: None) -> dict:
     """Lower and compile `tc`'s train step for `topology`; returns the report dict."""
     import jax
@@ -239,7 +247,8 @@ def aot_compile(tc, topology: str, *, mesh_shape=None, remat: str | None = None,
     from fusion_jax.train.loop import Setup
 
     _apply_overrides(tc, mesh_shape=mesh_shape, remat=remat, vision_remat=vision_remat, batch=batch,
-                     grad_accum=grad_accum, compute_dtype=compute_dtype, scan_layers=scan_layers, seq=seq)
+                     grad_accum=grad_accum, compute_dtype=compute_dtype, scan_layers=scan_layers, seq=seq,
+                     host_offload=host_offload, attention_impl=attention_impl)
     devices = topology_devices(topology)
     mesh = build_mesh(devices, tuple(tc.mesh))
     chip = chip_info(devices[0])
@@ -257,6 +266,7 @@ def aot_compile(tc, topology: str, *, mesh_shape=None, remat: str | None = None,
         "topology": topology, "device_kind": chip["kind"], "chip": chip["name"], "num_devices": len(devices),
         "mesh": dict(mesh.shape), "remat_policy": cfg.remat_policy,
         "vision_remat_policy": cfg.vision_remat_policy or cfg.remat_policy, "compute_dtype": cfg.compute_dtype,
+        "attention_impl": cfg.attention_impl, "host_offload": bool(s.host_offload),
         "grad_accum": int(tc.grad_accum), **shape, "n_params": n_params, "scan_layers": cfg.scan_layers,
         "hbm_bytes_per_device": chip["hbm"], "setup_s": round(time.perf_counter() - t0, 2),
         "model_flops_per_step": flops_lib.train_flops_per_step(cfg, {k: v.shape for k, v in ab.items()}),
@@ -265,7 +275,8 @@ def aot_compile(tc, topology: str, *, mesh_shape=None, remat: str | None = None,
     log(f"{cfg.llm.family} {n_params / 1e9:.2f}B params | {len(devices)} x {chip['kind']} | mesh "
         f"{rep['mesh']} | batch {rep['global_batch']} x {rep['seq_len']} (grad_accum {rep['grad_accum']}, "
         f"q {rep['query_len']}, questions {rep['max_questions']}, instruct {rep['instruct_len']}) | "
-        f"remat {rep['remat_policy']}/{rep['vision_remat_policy']} | {rep['compute_dtype']}")
+        f"remat {rep['remat_policy']}/{rep['vision_remat_policy']} | {rep['compute_dtype']} | attention "
+        f"{rep['attention_impl']} | optimizer state in {'host' if rep['host_offload'] else 'device'} memory")
     t1 = time.perf_counter()
     lowered = s.train_step.lower(state, ab)
     rep["lower_s"] = round(time.perf_counter() - t1, 2)
@@ -285,6 +296,10 @@ def aot_compile(tc, topology: str, *, mesh_shape=None, remat: str | None = None,
 
 def _gib(x):
     return "?" if x is None else f"{x / GiB:.2f} GiB"
+
+
+def _size(x):
+    return _gib(x) if x >= GiB else f"{x / 2 ** 20:.1f} MiB"
 
 
 def format_report(r: dict) -> str:
@@ -313,13 +328,34 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def policy_table(reports: list[dict]) -> str:
+    """One row per remat policy: fit, bytes per device, XLA-counted FLOPs (remat recompute included;
+    a scanned body counts once, so compare rows of one run, or use --unrolled for absolute counts)."""
+    rows = ["| remat policy | fits | per device (args / temps / total) | XLA FLOPs per device | compile |",
+            "|---|---|---|---|---|"]
+    for r in reports:
+        if "argument_bytes" in r:
+            mem = " / ".join(_size(r[k]) for k in ("argument_bytes", "temp_bytes", "bytes_per_device"))
+            fl = f"{r['flops_per_device']:.4g}"
+        else:
+            mem, fl = f"over HBM: {_gib(r.get('bytes_per_device'))} ({r.get('status')})", "-"
+        rows.append(f"| {r['remat_policy']} | {'yes' if r.get('fits') else 'no'} | {mem} | {fl} | "
+                    f"{r.get('compile_s')} s |")
+    return "\n".join(rows)
+
+
+def _parser():
     p = argparse.ArgumentParser(prog="python -m fusion_jax.tools.aot_compile", description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="configs/NAME.py")
     p.add_argument("--topology", required=True, help="TPU topology (v5p:4x4x4, v5e:8x8, v6e:4x8) or cpu[:N]")
     p.add_argument("--mesh", default=None, help="data,fsdp,tensor (one may be -1); default: the config's")
     p.add_argument("--remat", default=None, help="decoder remat policy (default: the config's)")
     p.add_argument("--vision-remat", default=None, help="vision tower remat policy (default: the config's)")
+    p.add_argument("--policies", default=None,
+                   help="compile once per decoder remat policy (comma list or 'all') and print a table")
+    p.add_argument("--host-offload", default=None, choices=("auto", "on", "off"),
+                   help="optimizer state in host memory (default: the config's optim.host_offload)")
+    p.add_argument("--attention", default=None, help="attention_impl (default: the config's, auto)")
     p.add_argument("--batch", type=int, default=None, help="global batch (default: the config's)")
     p.add_argument("--grad-accum", type=int, default=None)
     p.add_argument("--seq", type=int, default=None, help="sequence length (default: data.max_length)")
@@ -329,30 +365,48 @@ def main(argv=None) -> int:
     p.add_argument("--compute-dtype", default=None, choices=("float32", "bfloat16"))
     p.add_argument("--unrolled", action="store_true", help="scan_layers=False (compile-time comparison)")
     p.add_argument("--json", action="store_true", help="last stdout line: one JSON object")
-    a = p.parse_args(argv)
+    return p
+
+
+def _run_one(a, remat, log) -> dict:
+    tc = load_train_config(a.config)
+    return aot_compile(tc, a.topology, mesh_shape=parse_mesh(a.mesh) if a.mesh else None,
+                       remat=remat, vision_remat=a.vision_remat, batch=a.batch, seq=a.seq,
+                       query_len=a.query_len, max_questions=a.max_questions, instruct_len=a.instruct_len,
+                       grad_accum=a.grad_accum, compute_dtype=a.compute_dtype,
+                       scan_layers=False if a.unrolled else None, host_offload=a.host_offload,
+                       attention_impl=a.attention, log=log)
+
+
+def main(argv=None) -> int:
+    a = _parser().parse_args(argv)
 
     def log(msg):
         print(msg, file=sys.stderr if a.json else sys.stdout, flush=True)
 
+    from fusion_jax.nn import REMAT_POLICIES
+    policies = [a.remat]
+    if a.policies:
+        policies = list(REMAT_POLICIES) if a.policies == "all" else a.policies.split(",")
     try:
-        tc = load_train_config(a.config)
-        rep = aot_compile(tc, a.topology, mesh_shape=parse_mesh(a.mesh) if a.mesh else None,
-                          remat=a.remat, vision_remat=a.vision_remat, batch=a.batch, seq=a.seq,
-                          query_len=a.query_len, max_questions=a.max_questions, instruct_len=a.instruct_len,
-                          grad_accum=a.grad_accum, compute_dtype=a.compute_dtype,
-                          scan_layers=False if a.unrolled else None, log=log)
+        reps = [_run_one(a, pol, log) for pol in policies]
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         if a.json:
             print(json.dumps({"fits": False, "status": "error", "error": str(e)}))
         return 2
-    rep["config"] = a.config
-    rep["command"] = "python -m fusion_jax.tools.aot_compile " + " ".join(
+    command = "python -m fusion_jax.tools.aot_compile " + " ".join(
         x if x and " " not in x else repr(x) for x in (argv if argv is not None else sys.argv[1:]))
-    log(format_report(rep))
+    for rep in reps:
+        rep.update(config=a.config, command=command)
+        log(format_report(rep))
+    if a.policies:
+        log(policy_table(reps))
+    rep = reps[0] if len(reps) == 1 else {"policies": reps, "fits": any(r.get("fits") for r in reps),
+                                          "status": "ok", "command": command}
     if a.json:
         print(json.dumps(rep, sort_keys=True, default=str))
-    if rep.get("status") == "error":
+    if len(reps) == 1 and rep.get("status") == "error":
         return 2
     return 0 if rep["fits"] else 1
 

@@ -79,6 +79,19 @@ PEAK_FLOPS = (
 )
 
 
+GiB = 1024 ** 3
+HBM_BYTES = (
+    ("v6", 32 * GiB), ("v5p", 95 * GiB), ("v5 lite", 16 * GiB), ("v5e", 16 * GiB), ("v5", 95 * GiB),
+    ("v4", 32 * GiB), ("v3", 16 * GiB), ("h200", 141e9), ("h100", 80e9), ("a100", 80e9),
+)
+
+
+def hbm_bytes(device) -> float | None:
+    """Accelerator memory of one device (None when unknown, e.g. CPU)."""
+    kind = getattr(device, "device_kind", "").lower()
+    return next((val for key, val in HBM_BYTES if key in kind), None)
+
+
 def peak_flops(device=None) -> float | None:
     """Peak bf16 FLOP/s of one device (None when unknown, e.g. CPU)."""
     import jax

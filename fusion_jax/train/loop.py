@@ -14,6 +14,7 @@ from flax import nnx
 
 from fusion_jax import paths
 from fusion_jax.config import FusionConfig
+from fusion_jax.nn import REMAT_POLICIES
 from fusion_jax.sharding import logical_shardings, make_mesh, shard_batch
 from fusion_jax.synth import SynthConfig
 from fusion_jax.train import checkpoint as ckpt_lib
@@ -26,7 +27,6 @@ from fusion_jax.train.metrics import MetricsLogger, TrainingError, batch_info, f
 
 __all__ = ["Setup", "TrainingError", "resolve_model_config", "train", "validate"]
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "nothing")
 
 
 def maybe_initialize_distributed():
@@ -162,11 +162,14 @@ class Setup:
             warmup_ratio=o.warmup_ratio, schedule=o.schedule, weight_decay=o.weight_decay,
             b1=o.b1, b2=o.b2, eps=o.eps, grad_clip=o.grad_clip or None, freeze=o.freeze)
         self.abstract_state = step_lib.abstract_train_state(self.abstract_params, self.tx)
+        self.host_offload = step_lib.resolve_host_offload(o.get("host_offload", "auto"), self.abstract_state,
+                                                          self.mesh)
         self.state_sharding = step_lib.train_state_shardings(self.abstract_state, self.param_sharding,
-                                                             self.mesh)
+                                                             self.mesh, offload_opt=self.host_offload)
         self.train_step = step_lib.make_train_step(
             self.cfg, self.graphdef, self.tx, self.labels, self.mesh, self.state_sharding,
-            schedules=self.schedules, opts=step_lib.StepOptions(grad_accum=int(tc.grad_accum)))
+            schedules=self.schedules, opts=step_lib.StepOptions(grad_accum=int(tc.grad_accum),
+                                                                offload_opt=self.host_offload))
 
     def sharded_abstract_state(self):
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -63,7 +63,8 @@ def base_config() -> mlc.ConfigDict:
     c.optim = mlc.ConfigDict(dict(
         lr=2e-5, vision_lr=mlc.FieldReference(None, field_type=float), warmup_ratio=0.03,
         schedule="cosine", weight_decay=0.0, grad_clip=1.0, b1=0.9, b2=0.999, eps=1e-8, freeze="",
-        max_nonfinite_steps=0))   # > 0: skip up to that many consecutive NaN/Inf steps (0: stop at the first)
+        max_nonfinite_steps=0,    # > 0: skip up to that many consecutive NaN/Inf steps (0: stop at the first)
+        host_offload="auto"))     # optimizer state in host memory: auto (state > 40% of HBM) | on | off
     # preset / vision_tower / tiny pick and size the model; every other key is a FusionConfig field
     c.model = mlc.ConfigDict(dict(
         preset="phi35_3b", vision_tower="siglip-so400m-patch14-384",

@@ -68,11 +68,37 @@ def opt_state_shardings(abstract_opt_state, params_sharding: dict, mesh):
     return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
 
 
-def train_state_shardings(abstract_state: dict, params_sharding: dict, mesh) -> dict:
+def train_state_shardings(abstract_state: dict, params_sharding: dict, mesh, *, offload_opt: bool = False) -> dict:
+    """`offload_opt`: the optimizer state lives in host memory (`pinned_host`) between steps."""
     rep = NamedSharding(mesh, PartitionSpec())
-    return {"params": params_sharding,
-            "opt_state": opt_state_shardings(abstract_state["opt_state"], params_sharding, mesh),
-            "step": rep, "rng": rep}
+    opt = opt_state_shardings(abstract_state["opt_state"], params_sharding, mesh)
+    if offload_opt:
+        opt = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), opt)
+    return {"params": params_sharding, "opt_state": opt, "step": rep, "rng": rep}
+
+
+HOST_OFFLOAD = ("auto", "on", "off")
+
+
+def resolve_host_offload(setting: str, abstract_state: dict, mesh) -> bool:
+    """config.optim.host_offload: `auto` keeps the optimizer state in host memory when the fp32
+    parameters and optimizer state together would take more than 40% of a device's memory (the
+    rest is the step's temporaries: ~9 GiB at one 4096-token 8B sample, docs/pod_readiness.md)."""
+    if setting not in HOST_OFFLOAD:
+        raise ValueError(f"config.optim.host_offload={setting!r}: expected {' | '.join(HOST_OFFLOAD)}")
+    if setting != "auto":
+        return setting == "on"
+    from fusion_jax.train.flops import hbm_bytes
+    hbm = hbm_bytes(mesh.devices.flat[0])
+    size = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
+    return bool(hbm) and size / mesh.size > 0.4 * hbm
+
+
+def _to_device(tree, shardings, after):
+    """`tree` (host-resident) copied to device memory (`shardings`) once `after` is computed, so the
+    copy does not hold HBM through the forward and backward passes."""
+    after, tree = jax.lax.optimization_barrier((after, tree))
+    return jax.tree.map(lambda x, s: jax.device_put(x, s.with_memory_kind("device")), tree, shardings), after
 
 
 def init_train_state(params: dict, tx, seed: int) -> dict:
@@ -135,6 +161,7 @@ class StepOptions:
     grad_accum: int = 1
     donate: bool = True
     skip_nonfinite: bool = True   # keep the old state when loss or grad norm is NaN/Inf
+    offload_opt: bool = False     # optimizer state in host memory between steps (config.optim.host_offload)
 
 
 def _split_micro(x, A: int, mesh):
@@ -163,8 +190,9 @@ def _accumulate(grad_fn, params, batch, totals, A: int, mesh):
 
 
 def train_step_fn(cfg: FusionConfig, graphdef, tx, labels, schedules: dict | None = None,
-                  opts: StepOptions = StepOptions(), mesh=None) -> Callable:
-    """The pure (un-jitted) `train_step(state, batch) -> (state, metrics)`."""
+                  opts: StepOptions = StepOptions(), mesh=None, opt_sharding=None) -> Callable:
+    """The pure (un-jitted) `train_step(state, batch) -> (state, metrics)`; `opt_sharding`: the
+    optimizer state's shardings (needed with `opts.offload_opt`)."""
     frozen = jax.tree.map(lambda label: label == "frozen", labels)
     A = int(opts.grad_accum)
 
@@ -191,6 +219,9 @@ def train_step_fn(cfg: FusionConfig, graphdef, tx, labels, schedules: dict | Non
             (loss, parts), grads = grad_fn(params, batch, totals)
         else:
             (loss, parts), grads = _accumulate(grad_fn, params, batch, totals, A, mesh)
+        if opts.offload_opt:
+            opt_dev, grads = _to_device(state["opt_state"], opt_sharding, grads)
+            state = {**state, "opt_state": opt_dev}
         gnorm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates)
@@ -215,7 +246,7 @@ def make_train_step(cfg: FusionConfig, graphdef, tx, labels, mesh, state_shardin
     if cpu_only and mesh.size > 1:  # they change the program per device: XLA:CPU's collectives deadlock
         raise ValueError(f"{' and '.join(cpu_only)}: single-device CPU choices (the tiny preset's); set them "
                          f"False to train on a mesh of {mesh.size} devices")
-    fn = train_step_fn(cfg, graphdef, tx, labels, schedules, opts, mesh)
+    fn = train_step_fn(cfg, graphdef, tx, labels, schedules, opts, mesh, state_sharding["opt_state"])
     rep = NamedSharding(mesh, PartitionSpec())
     return jax.jit(fn, in_shardings=(state_sharding, batch_shardings(mesh)),
                    out_shardings=(state_sharding, rep),
