@@ -28,6 +28,7 @@ RULES: tuple[tuple[str, object], ...] = (
     ("vision_mlp", "tensor"),
     ("vision_heads", "tensor"),
     ("layers", None),
+    ("lora_rank", None),
     ("norm", None),
     ("patch", None),
     ("patch_pos", None),
