@@ -1,0 +1,237 @@
+"""LoRA / QLoRA: adapters at init leave the base's logits, merging is exact, only adapters and
+full_train parameters train (and resume exactly), QLoRA nf4 / int8 learn, and the `to-peft` folder
+loads with `peft` onto the transformers LLM with our logits."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from test_train import _batch, _cfg, _shard, _tc
+
+from fusion_jax import lora
+from fusion_jax.config import LoraConfig, tiny_config
+from fusion_jax.convert.lora_export import write_orbax_folder
+from fusion_jax.model import FusionForCausalLM
+from fusion_jax.sharding import make_mesh
+from fusion_jax.testing import random_batch
+from fusion_jax.train import loop
+
+
+def _flat(params: dict) -> dict:
+    return {lora.path_of(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def _randomize_adapters(model, seed=3, scale=0.2):
+    for i, (_, m) in enumerate(lora.adapted_linears(model, model.cfg.lora)):
+        b = m.lora_b.get_value()
+        m.lora_b.set_value(jax.random.normal(jax.random.PRNGKey(seed + i), b.shape, b.dtype) * scale)
+
+
+def _write_folder(folder, cfg, params: dict):
+    os.makedirs(folder)
+    write_orbax_folder(folder, cfg, {k.replace("/", "."): v for k, v in _flat(params).items()})
+    return str(folder)
+
+
+def _logits(model, batch):
+    graphdef, state = nnx.split(model)
+    return np.asarray(jax.jit(lambda st: nnx.merge(graphdef, st)(batch)["logits"])(state))
+
+
+def test_adapters_start_at_the_base_and_merge_exactly():
+    cfg = tiny_config("llama", num_sampler_layers=1)
+    cfg = cfg.replace(llm=dataclasses.replace(cfg.llm, num_hidden_layers=2))
+    base = FusionForCausalLM(cfg, seed=0)
+    batch = random_batch(cfg, seq_len=96)
+    want = _logits(base, batch)
+    lc = LoraConfig(rank=4, alpha=8.0, base_dtype="float32")
+    model = lora.build_model(cfg.replace(lora=lc), 1, nnx.split(base)[1].to_pure_dict())
+    np.testing.assert_array_equal(_logits(model, batch), want)   # B = 0: exactly the base
+    q = model.model.layers.self_attn.q_proj
+    assert q.lora_a.get_metadata()["logical_axes"] == ("layers", "embed", "lora_rank")
+    assert q.lora_b.get_metadata()["logical_axes"] == ("layers", "lora_rank", "heads")
+    assert q.lora_a.get_value().shape == (cfg.llm.num_hidden_layers, cfg.llm.hidden_size, 4)
+    _randomize_adapters(model)
+    adapted = _logits(model, batch)
+    assert np.abs(adapted - want).max() > 1e-2
+    merged = _logits(lora.merge_adapters(model), batch)
+    assert np.abs(merged - adapted).max() <= 1e-5
+    assert not any("lora" in k for k in _flat(nnx.split(model)[1].to_pure_dict()))
+
+
+class _DataState:
+    """The data iterator's part in a checkpoint (this test feeds fixed batches)."""
+
+    def get_state(self):
+        return {"pos": 0}
+
+    def set_state(self, state):
+        assert state == {"pos": 0}
+
+
+def _setup(tmp_path, base_dtype, base_params=None, **tc_kw):
+    base = ""
+    if base_params is not None:
+        base = _write_folder(tmp_path / "base", _cfg(), base_params)
+    cfg = _cfg().replace(lora=LoraConfig(rank=4, alpha=8.0, base_dtype=base_dtype, base=base))
+    mesh = make_mesh((1, 1, 1), jax.devices()[:1])
+    return loop.Setup(_tc(mesh=(1, 1, 1), **tc_kw), None, mesh=mesh, model_cfg=cfg)
+
+
+def _steps(s, state, batches):
+    losses = []
+    for b in batches:
+        state, m = s.train_step(state, _shard(b, s.mesh))
+        losses.append(float(m["loss"]))
+    return state, losses
+
+
+def test_only_adapters_and_full_train_change_and_resume_is_exact(tmp_path):
+    from fusion_jax.train import checkpoint as ckpt_lib
+    base_params = nnx.split(FusionForCausalLM(_cfg(), seed=5))[1].to_pure_dict()
+    s = _setup(tmp_path, "float32", base_params)
+    lc = s.cfg.lora
+    batches = [_batch(seed=i) for i in range(4)]
+    state = s.init_state()
+    p0 = _flat(jax.device_get(state["params"]))
+    base_flat = _flat(base_params)
+    for k, v in base_flat.items():   # the base is what the folder held
+        np.testing.assert_array_equal(p0[k], v)
+    # optimizer state only for adapters + full_train
+    n_train = sum(v.size for k, v in p0.items() if lora.is_trainable(k, lc))
+    n_opt = sum(x.size for x in jax.tree.leaves(state["opt_state"]))
+    assert 0 <= n_opt - 2 * n_train < 8 and n_train < sum(v.size for v in p0.values()) / 2
+
+    ck = ckpt_lib.Checkpointer(str(tmp_path / "run"), keep=2, every=2, async_save=False,
+                               model_config_json=s.cfg.to_json(), params_part=s.trainable_part)
+    state, first = _steps(s, state, batches[:2])
+    ck.save(2, state, {"pos": 0}, {}, force=True)
+    ck.wait()
+    state, rest = _steps(s, state, batches[2:])
+    p4 = _flat(jax.device_get(state["params"]))
+    moved = {k for k in p0 if np.abs(p4[k] - p0[k]).max() > 0}
+    for k in p0:
+        if not lora.is_trainable(k, lc):
+            np.testing.assert_array_equal(p4[k], p0[k])   # frozen: bit-identical
+        elif "vision_sampler_layers" not in k:   # (these batches have no latent tokens: no gradient)
+            assert k in moved, k
+    stored = set(os.listdir(tmp_path / "run" / "checkpoints" / "2" / "params"))
+    names = {k.replace("/", ".") for k in p0}
+    assert {n for n in names if n in stored} == {k.replace("/", ".") for k in p0 if lora.is_trainable(k, lc)}
+    # resume: the checkpoint's adapters + full_train on the base re-read from lora.base
+    restored, step = loop.init_or_resume(s, ck, _DataState(), str(tmp_path / "run"))
+    ck.close()
+    assert step == 2
+    restored, again = _steps(s, restored, batches[2:])
+    assert again == rest and first[0] > rest[-1]
+    for k, v in _flat(jax.device_get(restored["params"])).items():
+        np.testing.assert_array_equal(v, p4[k])
+
+
+@pytest.mark.parametrize("qtype,storage", [("nf4", "uint4"), ("int8", "int8")])
+def test_qlora_runs_and_learns(tmp_path, qtype, storage):
+    s = _setup(tmp_path, qtype)
+    state = s.init_state()
+    q = state["params"]["model"]["layers"]["mlp"]["gate_up_proj"]
+    assert "kernel" not in q and q["kernel_qvalue"].dtype == jnp.dtype(storage)
+    q0 = np.asarray(q["kernel_qvalue"])
+    batch = _batch(seed=0)
+    state, losses = _steps(s, state, [batch] * 6)
+    assert losses[-1] < 0.8 * losses[0], losses
+    np.testing.assert_array_equal(np.asarray(state["params"]["model"]["layers"]["mlp"]["gate_up_proj"]
+                                             ["kernel_qvalue"]), q0)
+
+
+# ----------------------------------------------------------------------------- PyTorch / peft
+
+
+def _hf_llm(family):
+    import torch
+    import transformers
+    from test_backbones import LLM_CASES, _randomize
+    _, cfg_cls, model_cls, extra = LLM_CASES["phi3_longrope" if family == "phi3" else "llama3_gqa"]
+    hf_cfg = cfg_cls(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=4, rms_norm_eps=1e-5, pad_token_id=0, bos_token_id=1,
+                     eos_token_id=2, attn_implementation="eager", **extra)
+    torch.manual_seed(0)
+    hf = model_cls(hf_cfg).eval()
+    _randomize(hf)
+    assert isinstance(hf, transformers.PreTrainedModel)
+    return hf, hf_cfg
+
+
+@pytest.mark.parametrize("family", ["phi3", "llama"])
+def test_to_peft_loads_with_peft_and_matches(tmp_path, family):
+    import peft
+    import torch
+    from safetensors.numpy import load_file
+    from test_backbones import _llm_logits, _state
+
+    from fusion_jax.config import llm_config_from_hf
+    from fusion_jax.convert.__main__ import main
+    from fusion_jax.hf_io import DictReader, load_weights
+    hf, hf_cfg = _hf_llm(family)
+    cfg = dataclasses.replace(tiny_config(family), llm=llm_config_from_hf(hf_cfg.to_dict(), family))
+    base = FusionForCausalLM(cfg, rngs=nnx.Rngs(1))
+    load_weights(base, DictReader(_state(hf)), select=lambda r: not r.hf.startswith(
+        ("model.vision_tower", "model.mm_projector", "model.aux_projector", "model.vision_sampler")))
+    base_dir = _write_folder(tmp_path / "base", cfg, nnx.split(base)[1].to_pure_dict())
+    lc = LoraConfig(rank=4, alpha=12.0, base_dtype="float32", base=base_dir)
+    model = lora.build_model(cfg.replace(lora=lc), 2, nnx.split(base)[1].to_pure_dict())
+    _randomize_adapters(model)
+    params = nnx.split(model)[1].to_pure_dict()
+    adapters = _write_folder(tmp_path / "adapters", model.cfg, lora.trainable_part(params, lc))
+    assert main(["to-peft", "--adapters", adapters, "--dst", str(tmp_path / "peft")]) == 0
+
+    peft_model = peft.PeftModel.from_pretrained(hf, str(tmp_path / "peft")).eval()
+    ids = np.random.default_rng(0).integers(3, 96, size=(2, 24))
+    with torch.no_grad():
+        want = peft_model(torch.as_tensor(ids)).logits.numpy()
+    got = _llm_logits(model, ids)
+    assert np.abs(got - want).max() <= 1e-4
+    assert np.abs(got - _llm_logits(base, ids)).max() > 1e-2   # the adapters matter
+    # non_lora_trainables: the reference's key layout, the .bin (torch.load) equal to the safetensors twin
+    twin = load_file(str(tmp_path / "peft" / "non_lora_trainables.safetensors"))
+    binf = torch.load(str(tmp_path / "peft" / "non_lora_trainables.bin"), weights_only=True)
+    assert sorted(twin) == sorted(binf) and "base_model.model.model.mm_projector.0.weight" in twin
+    for k, v in twin.items():
+        np.testing.assert_array_equal(binf[k].numpy(), v)
+    np.testing.assert_array_equal(twin["base_model.model.model.mm_projector.0.weight"],
+                                  np.asarray(base.model.mm_projector.linear_0.kernel[...]).T)
+
+
+def test_merge_lora_and_loading_adapters_with_base(tmp_path):
+    import fusion_jax
+    from fusion_jax.convert.__main__ import main
+    from fusion_jax.generate.cli import add_generation_args
+    from fusion_jax.generate.loading import load_model
+    cfg = tiny_config("phi3")
+    base = FusionForCausalLM(cfg, seed=0)
+    base_params = nnx.split(base)[1].to_pure_dict()
+    base_dir = _write_folder(tmp_path / "base", cfg, base_params)
+    lc = LoraConfig(rank=4, alpha=8.0, base_dtype="float32", base=str(tmp_path / "moved"))
+    model = lora.build_model(cfg.replace(lora=lc), 0, base_params)
+    _randomize_adapters(model)
+    adapters = _write_folder(tmp_path / "adapters", model.cfg,
+                             lora.trainable_part(nnx.split(model)[1].to_pure_dict(), lc))
+    batch = random_batch(cfg, seq_len=96)
+    want = np.asarray(model(batch)["logits"])
+    with pytest.raises(FileNotFoundError, match="--base"):   # the recorded base has moved
+        fusion_jax.from_pretrained(adapters)
+    got = fusion_jax.from_pretrained(adapters, base=base_dir)
+    np.testing.assert_array_equal(np.asarray(got(batch)["logits"]), want)
+    assert main(["merge-lora", "--base", base_dir, "--adapters", adapters, "--dst", str(tmp_path / "merged")]) == 0
+    merged = fusion_jax.from_pretrained(str(tmp_path / "merged"))
+    assert merged.cfg.lora is None
+    assert np.abs(np.asarray(merged(batch)["logits"]) - want).max() <= 1e-5
+    assert main(["to-hf", "--src", str(tmp_path / "merged"), "--dst", str(tmp_path / "hf")]) == 0
+    import argparse
+    ap = argparse.ArgumentParser()
+    add_generation_args(ap)
+    a = ap.parse_args(["--ckpt", adapters, "--base", base_dir])
+    np.testing.assert_array_equal(np.asarray(load_model(a.ckpt, base=a.base)(batch)["logits"]), want)
