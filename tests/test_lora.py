@@ -101,10 +101,11 @@ def _steps(s, state, batches):
 
 
 def test_only_adapters_and_full_train_change_and_resume_is_exact(tmp_path):
-    """On a QLoRA (nf4) base read from a folder: the real train step, checkpoint and resume."""
+    """On a QLoRA (nf4) base read from a folder: the real train step (2 accumulated micro-batches),
+    checkpoint and resume."""
     from fusion_jax.train import checkpoint as ckpt_lib
     base_params = nnx.split(FusionForCausalLM(_cfg(), seed=5))[1].to_pure_dict()
-    s = _setup(tmp_path, "nf4", base_params)
+    s = _setup(tmp_path, "nf4", base_params, grad_accum=2)
     lc = s.cfg.lora
     batches = [_batch(seed=i) for i in range(4)]
     state = s.init_state()
