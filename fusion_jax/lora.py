@@ -15,7 +15,6 @@ its fusion_config.json has `lora.base`, the folder the frozen base comes from.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 
 import jax
@@ -97,10 +96,6 @@ def build_model(cfg: FusionConfig, seed: int = 0, base_params: dict | None = Non
 
 # ----------------------------------------------------------------------------- trees
 
-def path_of(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
 def trainable_part(params: dict, lc: LoraConfig) -> dict:
     """The nested sub-dict of `params` a LoRA checkpoint stores."""
     def walk(d, prefix):
@@ -128,10 +123,11 @@ def merge_parts(base: dict, part: dict) -> dict:
 # ----------------------------------------------------------------------------- folders
 
 def base_folder(cfg: FusionConfig, base: str | None, where: str) -> str:
+    from etils import epath
     b = base or cfg.lora.base
     if not b:
         raise ValueError(f"{where}: LoRA adapters without a base folder (pass --base DIR)")
-    if not os.path.exists(b):
+    if not epath.Path(b).exists():
         raise FileNotFoundError(f"{where}: base {b} does not exist (pass --base DIR)")
     return b
 

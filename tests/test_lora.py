@@ -21,10 +21,11 @@ from fusion_jax.model import FusionForCausalLM
 from fusion_jax.sharding import make_mesh
 from fusion_jax.testing import random_batch
 from fusion_jax.train import loop
+from fusion_jax.train.optim import path_str
 
 
 def _flat(params: dict) -> dict:
-    return {lora.path_of(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    return {path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
 def _randomize_adapters(model, seed=3, scale=0.2):

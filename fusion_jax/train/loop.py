@@ -108,7 +108,7 @@ def _base_pointer(init_from: str) -> str:
         return ""
     if init_source_kind(init_from) == "train":
         return ckpt_lib.resolve_step_dir(init_from)
-    return os.path.abspath(init_from)
+    return init_from if "://" in init_from else os.path.abspath(init_from)
 
 
 def init_source_kind(path: str) -> str:
