@@ -109,6 +109,46 @@ def _thaw(t):
     return {k: list(v) if isinstance(v, tuple) else v for k, v in t}
 
 
+# LoRA defaults follow the reference's `--lora_enable`: every linear layer of the LLM's decoder
+# (find_all_linear_names skips the projectors, tower, interaction layers and lm_head), and the
+# projectors and interaction layers trained in full (its `non_lora_trainables`).
+LORA_TARGET = r"^model/layers/(self_attn|mlp)/"
+LORA_FULL_TRAIN = r"^model/(mm_projector|aux_projector|vision_sampler_layers)/"
+LORA_BASE_DTYPES = ("bfloat16", "float32", "nf4", "int8")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters (fusion_jax.lora). `target` / `full_train`: regexes (re.search) over module
+    paths such as `model/layers/self_attn/qkv_proj`. `base_dtype`: how the frozen base is held
+    (nf4 / int8: QLoRA through qwix's QArray). `base`: the folder the base weights come from
+    (set from `init_from`; "" = the seeded random init)."""
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target: str = LORA_TARGET
+    full_train: str = LORA_FULL_TRAIN
+    base_dtype: str = "bfloat16"
+    base: str = ""
+
+    def __post_init__(self):
+        if not (isinstance(self.rank, int) and self.rank > 0):
+            raise ValueError(f"lora.rank={self.rank!r}: expected an integer > 0")
+        if self.base_dtype not in LORA_BASE_DTYPES:
+            raise ValueError(f"lora.base_dtype={self.base_dtype!r}: expected one of {LORA_BASE_DTYPES}")
+        if self.dropout != 0.0:
+            raise ValueError(f"lora.dropout={self.dropout!r}: only 0.0 is supported (docs/lora.md)")
+        for k in ("target", "full_train"):
+            try:
+                re.compile(getattr(self, k))
+            except re.error as e:
+                raise ValueError(f"lora.{k}: bad regular expression {getattr(self, k)!r} ({e})") from e
+
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / self.rank
+
+
 # Fields of older fusion_config.json files that no longer exist (retired experiments, off by default).
 RETIRED_FIELDS = ("ce_turn_power", "vision_posemb_init")
 
@@ -151,10 +191,13 @@ class FusionConfig:
     # pretrained LLM; a tiny model trained from scratch needs word embeddings on the scale of
     # the image features (~1), or the question's words drown next to them (docs/ablations.md).
     embed_init_std: float = 0.02
+    lora: LoraConfig | None = None           # low-rank adapters on a frozen base (fusion_jax.lora)
 
     def __post_init__(self):
         if self.early_mask_mode not in EARLY_MASK_MODES:
             raise ValueError(f"early_mask_mode={self.early_mask_mode!r}: expected {EARLY_MASK_MODES}")
+        if isinstance(self.lora, dict):
+            object.__setattr__(self, "lora", LoraConfig(**self.lora))
         if isinstance(self.query_len, (int, str)):
             object.__setattr__(self, "query_len", parse_query_len(self.query_len))
         for q in self.query_len:

@@ -24,6 +24,14 @@ def _param(value, axes):
     return nnx.Param(value, logical_axes=tuple(axes))
 
 
+class LoraParam(nnx.Param):
+    """A low-rank adapter factor (`lora_a` [.., in, r] / `lora_b` [.., r, out]): trained under LoRA."""
+
+
+class QuantParam(nnx.Param):
+    """A frozen QLoRA base weight's qwix QArray parts (`kernel_qvalue`, `kernel_scale`)."""
+
+
 class Linear(nnx.Module):
     """y = x @ kernel + bias; kernel is [in, out] (PyTorch weight transposed).
 
@@ -42,13 +50,48 @@ class Linear(nnx.Module):
         self.bias = _param(jnp.zeros(stack + (dout,), param_dtype), sa + (axes[1],)) if use_bias else None
         self.dtype, self.linear_2d = dtype, linear_2d
 
+    def add_lora(self, rank: int, scale: float, key, init_a=None):
+        """Adapters y += scale * (x @ lora_a) @ lora_b, stacked like the kernel; lora_b = 0, so the
+        output is unchanged until it trains. `init_a(key, shape, dtype)`: qwix LoraRule's he_uniform."""
+        shape, axes = self.kernel.get_value().shape, self.kernel.get_metadata()["logical_axes"]
+        sa, (din, dout) = axes[:-2], shape[-2:]
+        dt = jnp.float32 if self.kernel.get_value().dtype.itemsize < 4 else self.kernel.get_value().dtype
+        a = init_a(key, shape[:-2] + (din, rank), dt)
+        self.lora_a = LoraParam(a, logical_axes=sa + (axes[-2], "lora_rank"))
+        self.lora_b = LoraParam(jnp.zeros(shape[:-2] + (rank, dout), dt), logical_axes=sa + ("lora_rank", axes[-1]))
+        self.lora_scale = float(scale)
+
+    def quantize_kernel(self, qtype: str, tile: int):
+        """Replace the (frozen) kernel by a qwix QArray: per output channel, tiles of `tile` inputs."""
+        import qwix
+        k = self.kernel.get_value()
+        axes = self.kernel.get_metadata()["logical_axes"]
+        din = k.shape[-2]
+        q = qwix.quantize(k.astype(jnp.float32), jnp.dtype(qtype) if qtype != "nf4" else qtype,
+                          channelwise_axes=tuple(range(k.ndim - 2)) + (k.ndim - 1,),
+                          tiled_axes={k.ndim - 2: min(tile, din) if din % min(tile, din) == 0 else din})
+        self.kernel = None
+        self.kernel_qvalue = QuantParam(q.qvalue, logical_axes=axes)
+        self.kernel_scale = QuantParam(q.scale.astype(jnp.bfloat16), logical_axes=axes)
+        self.kernel_qtype = qtype
+
+    def _base(self, x, dt):
+        if self.kernel is not None:
+            w = self.kernel[...].astype(dt)
+            if self.linear_2d and w.ndim == 2 and x.ndim > 2:
+                return jnp.matmul(x.astype(dt).reshape(-1, x.shape[-1]), w).reshape(x.shape[:-1] + w.shape[-1:])
+            return jnp.matmul(x.astype(dt), w)
+        import qwix
+        qtype = self.kernel_qtype if self.kernel_qtype == "nf4" else jnp.dtype(self.kernel_qtype)
+        w = qwix.QArray(self.kernel_qvalue[...], self.kernel_scale[...].astype(dt), qtype=qtype)
+        return qwix.dot_general(x.astype(dt), w, (((x.ndim - 1,), (0,)), ((), ())))
+
     def __call__(self, x):
         dt = dtype_of(self.dtype)
-        w = self.kernel[...].astype(dt)
-        if self.linear_2d and w.ndim == 2 and x.ndim > 2:
-            y = jnp.matmul(x.astype(dt).reshape(-1, x.shape[-1]), w).reshape(x.shape[:-1] + w.shape[-1:])
-        else:
-            y = jnp.matmul(x.astype(dt), w)
+        y = self._base(x, dt)
+        if getattr(self, "lora_a", None) is not None:
+            a, b = self.lora_a[...].astype(dt), self.lora_b[...].astype(dt)
+            y = y + jnp.matmul(jnp.matmul(x.astype(dt), a), b) * jnp.asarray(self.lora_scale, dt)
         if self.bias is not None:
             y = y + self.bias[...].astype(dt)
         return y

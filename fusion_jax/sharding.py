@@ -28,6 +28,7 @@ RULES: tuple[tuple[str, object], ...] = (
     ("vision_mlp", "tensor"),
     ("vision_heads", "tensor"),
     ("layers", None),
+    ("lora_rank", "fsdp"),      # LoRA factors: lora_b has no embed axis; FSDP shards its rank
     ("norm", None),
     ("patch", None),
     ("patch_pos", None),

@@ -1,4 +1,4 @@
-"""python -m fusion_jax.convert {to-orbax,to-hf,init,inspect} ..."""
+"""python -m fusion_jax.convert {to-orbax,to-hf,init,inspect,merge-lora,to-peft} ..."""
 from __future__ import annotations
 
 import argparse
@@ -29,6 +29,15 @@ def main(argv=None):
     c.add_argument("--force", action="store_true")
     d = sub.add_parser("inspect", help="list tensors, shapes, dtypes and the detected config")
     d.add_argument("dir")
+    e = sub.add_parser("merge-lora", help="base + LoRA adapters (a train step dir) -> full Orbax folder")
+    e.add_argument("--base", required=True, help="the base: Orbax / HF folder or train step dir")
+    e.add_argument("--adapters", required=True, help="a LoRA train workdir or step dir")
+    e.add_argument("--dst", required=True)
+    e.add_argument("--force", action="store_true")
+    f = sub.add_parser("to-peft", help="LoRA adapters -> peft folder (+ non_lora_trainables) for PyTorch")
+    f.add_argument("--adapters", required=True, help="a LoRA train workdir or step dir")
+    f.add_argument("--dst", required=True)
+    f.add_argument("--force", action="store_true")
     args = p.parse_args(argv)
     try:
         if args.cmd == "to-orbax":
@@ -41,6 +50,12 @@ def main(argv=None):
             from fusion_jax.convert.init_stage1 import init_stage1
             init_stage1(args.vision, args.llm, args.dst, config=args.config, dtype=args.dtype,
                         seed=args.seed, force=args.force)
+        elif args.cmd == "merge-lora":
+            from fusion_jax.convert.lora_export import merge_lora
+            merge_lora(args.base, args.adapters, args.dst, force=args.force)
+        elif args.cmd == "to-peft":
+            from fusion_jax.convert.lora_export import to_peft
+            to_peft(args.adapters, args.dst, force=args.force)
         else:
             from fusion_jax.convert.inspect_ckpt import inspect_dir
             inspect_dir(args.dir)

@@ -14,6 +14,8 @@ from fusion_jax.generate.prompts import CONVENTIONS, GenerationConfig, answer, o
 
 def add_generation_args(ap):
     ap.add_argument("--ckpt", required=True, help="Orbax folder or reference HF folder")
+    ap.add_argument("--base", default=None, help="when --ckpt holds LoRA adapters: their base folder "
+                    "(default: the one recorded with them, lora.base in fusion_config.json)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the checkpoint's)")
     ap.add_argument("--template", default=None, help="chat template (default: from the LLM family)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
@@ -49,7 +51,7 @@ def load_for_cli(args, **load_kw):
         overrides["image_token_grid"] = int(args.image_grid)
     if args.early_mask_mode:
         overrides["early_mask_mode"] = args.early_mask_mode
-    model = load_model(args.ckpt, **overrides, **load_kw)
+    model = load_model(args.ckpt, base=getattr(args, "base", None), **overrides, **load_kw)
     pick_query_len(model.cfg, args.query_len)
     return tok, model
 

@@ -56,15 +56,21 @@ def tokenizer_dir_of(step_path: str) -> str | None:
     return None
 
 
-def load_params(path: str, *, mesh=None, dtype: str | None = None, **overrides):
+def load_params(path: str, *, mesh=None, dtype: str | None = None, base: str | None = None, **overrides):
     """(model, cfg, tokenizer_dir) from a train workdir (latest step) or a step directory.
 
     The model is a concrete `FusionForCausalLM` (placed by the logical-axis rules on `mesh`
     when given, else on the default device); `cfg` its FusionConfig (with `overrides` applied,
     e.g. compute_dtype); `tokenizer_dir` the tokenizer folder saved with the run (None if none).
+    A LoRA run's step dir loads its adapters onto `base` (default: lora.base of its config).
     """
     sd = resolve_step_dir(path)
-    model = load_orbax_model(sd, mesh=mesh, dtype=dtype, cfg=read_model_config(sd), **overrides)
+    cfg = read_model_config(sd)
+    if cfg.lora is not None:
+        from fusion_jax.lora import load_adapter_model
+        model = load_adapter_model(sd, base, mesh=mesh, **overrides)
+        return model, model.cfg, tokenizer_dir_of(sd)
+    model = load_orbax_model(sd, mesh=mesh, dtype=dtype, cfg=cfg, **overrides)
     return model, model.cfg, tokenizer_dir_of(sd)
 
 
@@ -89,9 +95,9 @@ def find_tokenizer_dir(ckpt: str, tokenizer: str | None = None) -> str:
     raise FileNotFoundError(f"no tokenizer.json in {' or '.join(c for c in cands if c)} (pass --tokenizer DIR)")
 
 
-def load_model(ckpt: str, **overrides):
-    """Orbax or HF folder, or a train.py workdir / step dir -> model."""
+def load_model(ckpt: str, base: str | None = None, **overrides):
+    """Orbax or HF folder, or a train.py workdir / step dir -> model (LoRA adapters: on `base`)."""
     if train_step_dir(ckpt) is not None:
-        return load_params(ckpt, **overrides)[0]
+        return load_params(ckpt, base=base, **overrides)[0]
     from fusion_jax import from_pretrained
-    return from_pretrained(ckpt, **overrides)
+    return from_pretrained(ckpt, base=base, **overrides)

@@ -86,7 +86,10 @@ class Checkpointer:
     """Thin wrapper over ocp.CheckpointManager with the FUSION train-state layout."""
 
     def __init__(self, workdir: str, *, keep: int = 2, every: int = 1000, async_save: bool = True,
-                 model_config_json: str | None = None, tokenizer_dir: str | None = None):
+                 model_config_json: str | None = None, tokenizer_dir: str | None = None, params_part=None):
+        """`params_part(params)`: the part of the params a checkpoint stores (LoRA: adapters + full_train;
+        restore then takes an abstract state of that part)."""
+        self.params_part = params_part or (lambda p: p)
         self.workdir = paths.absolute(workdir)
         self.directory = paths.join(self.workdir, CKPT_DIR)
         self.model_config_json = model_config_json
@@ -99,7 +102,7 @@ class Checkpointer:
     # ---------------------------------------------------------------- save
     def save(self, step: int, state: dict, data_state: Any, meta: dict, *, force: bool = False) -> bool:
         args = ocp.args.Composite(
-            params=_ParamsSave(state["params"]),
+            params=_ParamsSave(self.params_part(state["params"])),
             train=ocp.args.StandardSave({k: state[k] for k in ("opt_state", "step", "rng")}),
             data=_grain_save(_StateBox(data_state)),
             meta=ocp.args.JsonSave({**meta, "step": int(step)}),

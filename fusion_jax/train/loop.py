@@ -96,7 +96,20 @@ def model_overrides(tc) -> dict:
     """The one route from train config to model config: every config.model key that names a
     FusionConfig field (preset, vision_tower and tiny pick the base config), and data.max_length."""
     fields = {f.name for f in dataclasses.fields(FusionConfig)}
-    return {**{k: tc.model[k] for k in tc.model.keys() if k in fields}, "max_length": int(tc.data.max_length)}
+    out = {**{k: tc.model[k] for k in tc.model.keys() if k in fields}, "max_length": int(tc.data.max_length)}
+    if "lora" in tc and tc.lora.rank:  # config.lora: adapters on init_from, the frozen base
+        from fusion_jax.config import LoraConfig
+        out["lora"] = LoraConfig(**tc.lora.to_dict(), base=_base_pointer(tc.init_from))
+    return out
+
+
+def _base_pointer(init_from: str) -> str:
+    """Where a LoRA run's frozen base comes from (a train workdir resolves to its step dir)."""
+    if not init_from:
+        return ""
+    if init_source_kind(init_from) == "train":
+        return ckpt_lib.resolve_step_dir(init_from)
+    return paths.absolute(init_from)
 
 
 def init_source_kind(path: str) -> str:
@@ -160,7 +173,7 @@ class Setup:
         self.tx, self.labels, self.schedules = optim.make_optimizer(
             self.abstract_params, lr=o.lr, vision_lr=o.vision_lr, total_steps=max(self.total_steps, 1),
             warmup_ratio=o.warmup_ratio, schedule=o.schedule, weight_decay=o.weight_decay,
-            b1=o.b1, b2=o.b2, eps=o.eps, grad_clip=o.grad_clip or None, freeze=o.freeze)
+            b1=o.b1, b2=o.b2, eps=o.eps, grad_clip=o.grad_clip or None, freeze=o.freeze, lora=self.cfg.lora)
         self.abstract_state = step_lib.abstract_train_state(self.abstract_params, self.tx)
         self.host_offload = step_lib.resolve_host_offload(o.get("host_offload", "auto"), self.abstract_state,
                                                           self.mesh)
@@ -178,6 +191,8 @@ class Setup:
     def init_params(self):
         """Random init (seeded), or from config.init_from, directly onto the param shardings."""
         tc = self.tc
+        if self.cfg.lora is not None:
+            return self._init_lora_params()
         if not tc.init_from:
             cfg, seed = self.cfg, int(tc.seed)
             return jax.jit(lambda: nnx.split(step_lib.build_model(cfg, seed))[1].to_pure_dict(),
@@ -193,6 +208,23 @@ class Setup:
                                            dtype=self.cfg.param_dtype)
         params = nnx.split(model)[1].to_pure_dict()
         return jax.tree.map(lambda x, a: x.astype(a.dtype), params, self.abstract_params)
+
+    def _init_lora_params(self):
+        """The base (lora.base, placed on the mesh; or the seeded init) with fresh adapters, base in
+        lora.base_dtype."""
+        from fusion_jax import lora
+        cfg, seed = self.cfg, int(self.tc.seed)
+        base = lora.load_base_params(cfg.lora.base, cfg, mesh=self.mesh) if cfg.lora.base else None
+        params = jax.jit(lambda b: nnx.split(lora.build_model(cfg, seed, b))[1].to_pure_dict(),
+                         out_shardings=self.param_sharding)(base)
+        return jax.tree.map(lambda x, a: x.astype(a.dtype), params, self.abstract_params)
+
+    def trainable_part(self, tree):
+        """What a checkpoint's params/ holds: everything, or under LoRA the adapters + full_train."""
+        if self.cfg.lora is None:
+            return tree
+        from fusion_jax.lora import trainable_part
+        return trainable_part(tree, self.cfg.lora)
 
     def init_state(self, params=None):
         params = self.init_params() if params is None else params
@@ -263,13 +295,17 @@ def warm_start(s: Setup, params: dict) -> dict:
 def init_or_resume(s: Setup, ck, it, workdir: str):
     """(state, start step): the newest checkpoint of the workdir that restores, else a fresh (warmed-up)
     init when it has none."""
+    abstract = s.sharded_abstract_state()
     try:
-        restored = resume.restore_latest_good(ck, s.sharded_abstract_state(), it)
+        restored = resume.restore_latest_good(ck, {**abstract, "params": s.trainable_part(abstract["params"])}, it)
     except TrainingError:
         ck.close()   # train() closes it only once the loop starts; a stray manager's threads outlive the run
         raise
     if restored is not None:
         state, latest = restored
+        if s.cfg.lora is not None:  # the checkpoint holds what changed; the base comes from lora.base
+            from fusion_jax.lora import merge_parts
+            state["params"] = merge_parts(s.init_params(), state["params"])
         log(f"resumed from {ck.directory}/{latest}")
         return state, int(latest)
     params = None
@@ -334,7 +370,7 @@ def train(tc, workdir: str) -> dict:
     write_run_configs(tc, s.cfg, workdir)
     ck = ckpt_lib.Checkpointer(workdir, keep=tc.keep_checkpoints, every=tc.checkpoint_every,
                                async_save=tc.async_checkpoint, model_config_json=s.cfg.to_json(),
-                               tokenizer_dir=paths.join(workdir, ckpt_lib.TOKENIZER))
+                               tokenizer_dir=paths.join(workdir, ckpt_lib.TOKENIZER), params_part=s.trainable_part)
     it = build_iterator(tc.data, s.cfg, tokenizer, per_process_batch=tc.global_batch_size // jax.process_count(),
                         seed=int(tc.seed))
     state, start = init_or_resume(s, ck, it, workdir)

@@ -35,8 +35,10 @@ def _compile(patterns: Sequence[str] | str | None, key: str):
     return out
 
 
-def param_labels(params, *, freeze=(), vision_pattern: str = VISION_PATTERN, check: bool = True):
-    """Tree of 'frozen' | 'vision' | 'default', same structure as `params`."""
+def param_labels(params, *, freeze=(), vision_pattern: str = VISION_PATTERN, check: bool = True,
+                 lora=None):
+    """Tree of 'frozen' | 'vision' | 'default', same structure as `params`. With `lora` (a LoraConfig)
+    everything but the adapters and `lora.full_train` is frozen too: only they get optimizer state."""
     fz = _compile(freeze, "freeze")
     vis = re.compile(vision_pattern)
     hits = {p.pattern: 0 for p in fz}
@@ -46,6 +48,10 @@ def param_labels(params, *, freeze=(), vision_pattern: str = VISION_PATTERN, che
         for p in fz:
             if p.search(s):
                 hits[p.pattern] += 1
+                return "frozen"
+        if lora is not None:
+            from fusion_jax.lora import is_trainable
+            if not is_trainable(s, lora):
                 return "frozen"
         return "vision" if vis.search(s) else "default"
 
@@ -81,13 +87,13 @@ def make_schedule(peak: float, total_steps: int, warmup_ratio: float = 0.03, sch
 def make_optimizer(params, *, lr: float, total_steps: int, vision_lr: float | None = None,
                    warmup_ratio: float = 0.03, schedule: str = "cosine", weight_decay: float = 0.0,
                    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, grad_clip: float | None = 1.0,
-                   freeze=(), vision_pattern: str = VISION_PATTERN):
+                   freeze=(), vision_pattern: str = VISION_PATTERN, lora=None):
     """(tx, labels, schedules): an optax GradientTransformation over `params` (a pure dict).
 
     Frozen parameters get `set_to_zero` (no optimizer state, bit-identical params). The train
     step also stops their gradients, so they do not enter the clipping norm.
     """
-    labels = param_labels(params, freeze=freeze, vision_pattern=vision_pattern)
+    labels = param_labels(params, freeze=freeze, vision_pattern=vision_pattern, lora=lora)
     sched = make_schedule(lr, total_steps, warmup_ratio, schedule)
     vsched = make_schedule(lr if vision_lr is None else vision_lr, total_steps, warmup_ratio, schedule)
 

@@ -114,6 +114,27 @@ def stage_config(size: str, stage: str, x: bool = False) -> mlc.ConfigDict:
     return c
 
 
+def lora_config(**kw) -> mlc.ConfigDict:
+    """config.lora (fusion_jax.config.LoraConfig's keys; rank 0 = off). Defaults: the reference's
+    `--lora_enable` targets (the LLM's linear layers) and non_lora_trainables (projectors, interaction
+    layers); rank / alpha as LLaVA's finetune_lora.sh (128 / 256)."""
+    from fusion_jax.config import LORA_FULL_TRAIN, LORA_TARGET
+    c = mlc.ConfigDict(dict(rank=128, alpha=256.0, dropout=0.0, target=LORA_TARGET, full_train=LORA_FULL_TRAIN,
+                            base_dtype="bfloat16"))
+    c.update(kw)
+    return c
+
+
+def stage_lora_config(size: str, stage: str = "stage2", base_dtype: str = "bfloat16") -> mlc.ConfigDict:
+    """A stage recipe fine-tuned with LoRA: the LLM frozen under adapters, lr 2e-4 (LLaVA's LoRA
+    recipe), the vision tower frozen too (set config.lora.full_train to train it in full)."""
+    c = stage_config(size, stage)
+    c.lora = lora_config(base_dtype=base_dtype)
+    c.optim.lr = 2e-4
+    c.optim.vision_lr = None
+    return c
+
+
 def tiny_train_config(**model_overrides) -> mlc.ConfigDict:
     """CPU, offline: synthesized data, a tiny model; 11-15 minutes on 2 cores (docs/ablations.md)."""
     c = base_config()

@@ -40,6 +40,9 @@ BATCH_AXES = ("data", "fsdp")
 # ----------------------------------------------------------------------------- model / state
 
 def build_model(cfg: FusionConfig, seed: int = 0):
+    if cfg.lora is not None:  # adapters on a frozen base (fusion_jax.lora)
+        from fusion_jax.lora import build_model as build_lora
+        return build_lora(cfg, seed)
     from fusion_jax.model import FusionForCausalLM
     return FusionForCausalLM(cfg, rngs=nnx.Rngs(seed))
 
@@ -173,13 +176,13 @@ def _split_micro(x, A: int, mesh):
     return y
 
 
-def _accumulate(grad_fn, params, batch, totals, A: int, mesh):
+def _accumulate(grad_fn, params, frozen_params, batch, totals, A: int, mesh):
     """(loss, parts), grads summed over A interleaved micro-batches (scanned)."""
     micro = jax.tree.map(lambda x: _split_micro(x, A, mesh), batch)
 
     def body(carry, mb):
         g_acc, loss_acc, parts_acc = carry
-        (loss, parts), g = grad_fn(params, mb, totals)
+        (loss, parts), g = grad_fn(params, frozen_params, mb, totals)
         return (jax.tree.map(jnp.add, g_acc, g), loss_acc + loss, jax.tree.map(jnp.add, parts_acc, parts)), None
 
     zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
@@ -189,6 +192,19 @@ def _accumulate(grad_fn, params, batch, totals, A: int, mesh):
     return (loss, parts), jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
 
 
+def split_frozen(params, frozen) -> tuple:
+    """(trainable, frozen) trees shaped like `params`, None where the other one holds the leaf: only
+    the trainable part is differentiated (a frozen QLoRA base is integer; frozen leaves get no grads)."""
+    def pick(want):
+        return jax.tree.map(lambda p, f: p if f == want else None, params, frozen)
+    return pick(False), pick(True)
+
+
+def join_frozen(trainable, frozen_params):
+    return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen_params,
+                        is_leaf=lambda x: x is None)
+
+
 def train_step_fn(cfg: FusionConfig, graphdef, tx, labels, schedules: dict | None = None,
                   opts: StepOptions = StepOptions(), mesh=None, opt_sharding=None) -> Callable:
     """The pure (un-jitted) `train_step(state, batch) -> (state, metrics)`; `opt_sharding`: the
@@ -196,8 +212,8 @@ def train_step_fn(cfg: FusionConfig, graphdef, tx, labels, schedules: dict | Non
     frozen = jax.tree.map(lambda label: label == "frozen", labels)
     A = int(opts.grad_accum)
 
-    def loss_fn(params, mb, totals):
-        params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
+    def loss_fn(params, frozen_params, mb, totals):
+        params = join_frozen(params, jax.lax.stop_gradient(frozen_params))
         out = nnx.merge(graphdef, params)(mb, return_logits=False)
         obj, parts = micro_objective(cfg, out, mb, totals)
         parts["num_targets"] = out["num_targets"]
@@ -215,16 +231,20 @@ def train_step_fn(cfg: FusionConfig, graphdef, tx, labels, schedules: dict | Non
         batch = model_batch(batch)
         params = state["params"]
         totals = loss_counts(batch)
+        trainable, frozen_params = split_frozen(params, frozen)
         if A == 1:
-            (loss, parts), grads = grad_fn(params, batch, totals)
+            (loss, parts), grads = grad_fn(trainable, frozen_params, batch, totals)
         else:
-            (loss, parts), grads = _accumulate(grad_fn, params, batch, totals, A, mesh)
+            (loss, parts), grads = _accumulate(grad_fn, trainable, frozen_params, batch, totals, A, mesh)
+        # frozen leaves: a zero scalar each (their transform is set_to_zero; the norm is unchanged)
+        grads = jax.tree.map(lambda g, f: jnp.zeros((), jnp.float32) if g is None else g, grads, frozen_params,
+                             is_leaf=lambda x: x is None)
         if opts.offload_opt:
             opt_dev, grads = _to_device(state["opt_state"], opt_sharding, grads)
             state = {**state, "opt_state": opt_dev}
         gnorm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates)
+        new_params = jax.tree.map(lambda p, u, f: p if f else (p + u).astype(p.dtype), params, updates, frozen)
         rng, _ = jax.random.split(state["rng"])
         new = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1, "rng": rng}
         finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
