@@ -106,28 +106,26 @@ def _print_result(res: dict, as_json: bool) -> None:
         print(json.dumps(res, sort_keys=True))
 
 
-def bench_score_main(argv) -> int:
-    a = _score_parser("python -m fusion_jax.eval score", out=False).parse_args(argv)
-    from fusion_jax.eval.bench_score import score
+def _scoring_main(argv, convert: bool) -> int:
+    """`score` prints the reference's metric; `convert` writes what a scoring server expects."""
+    verb = "convert" if convert else "score"
+    a = _score_parser(f"python -m fusion_jax.eval {verb}", out=convert).parse_args(argv)
+    from fusion_jax.eval import bench_score
     try:
-        res = score(a.benchmark, a)
+        res = getattr(bench_score, verb)(a.benchmark, a)
     except (FileNotFoundError, ValueError, KeyError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    _print_result(res, a.json)
+    _print_result(res, not convert and a.json)
     return 0
+
+
+def bench_score_main(argv) -> int:
+    return _scoring_main(argv, convert=False)
 
 
 def convert_main(argv) -> int:
-    a = _score_parser("python -m fusion_jax.eval convert", out=True).parse_args(argv)
-    from fusion_jax.eval.bench_score import convert
-    try:
-        res = convert(a.benchmark, a)
-    except (FileNotFoundError, ValueError, KeyError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    _print_result(res, False)
-    return 0
+    return _scoring_main(argv, convert=True)
 
 
 def list_main() -> int:
