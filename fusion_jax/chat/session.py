@@ -32,6 +32,7 @@ from fusion_jax.generate.prompts import (
     layout_padded,
     load_image_crops,
     pick_query_len,
+    round_up,
     stop_strings,
     stop_token_ids,
 )
@@ -71,15 +72,12 @@ def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     return int(diff[0]) if diff.size else n
 
 
-def _bucket(n: int, b: int) -> int:
-    return -(-n // b) * b
-
 
 def segment(lay: dict, start: int, q: int, bucket: int):
     """The positions start.. of a one-sample layout, relative to `start`, padded to a bucket;
     None when a latent block refined in the segment lies before it (no exact extension)."""
     n = int(lay["attention_mask"][0].sum())
-    S = _bucket(max(n - start, 1), bucket)
+    S = round_up(max(n - start, 1), bucket)
     ins = lay["instruct_pos"][0]
     lat = lay["latent_pos"][0].reshape(-1, q)
     new = ins >= start
@@ -96,7 +94,7 @@ def segment(lay: dict, start: int, q: int, bucket: int):
            "latent_pos": rel(lat[new].reshape(-1), n_q * q), "instruct_pos": rel(ins[new], n_q),
            "has_image": lay["has_image"]}
     fill = lay["latent_fill_pos"][0]
-    seg["latent_fill_pos"] = rel(fill[fill >= start], _bucket(max(int((fill >= start).sum()), q), q))
+    seg["latent_fill_pos"] = rel(fill[fill >= start], round_up(max(int((fill >= start).sum()), q), q))
     seg["token_ids"][0, :n - start] = lay["token_ids"][0, start:n]
     seg["attention_mask"][0, :n - start] = True
     return seg
@@ -119,7 +117,7 @@ class ChatSession:
         self.q = pick_query_len(cfg, self.gcfg.query_len)
         self.tmpl = self.gcfg.template or default_template(cfg)
         ctx = cfg.max_length or cfg.llm.max_position_embeddings
-        self.capacity = _bucket(ctx + self.gcfg.max_new_tokens + self.seq_bucket + 1, self.seq_bucket)
+        self.capacity = round_up(ctx + self.gcfg.max_new_tokens + self.seq_bucket + 1, self.seq_bucket)
         self.eos = set(stop_token_ids(cfg, self.tokenizer, self.tmpl))
         self.stops = stop_strings(self.tmpl) if self.gcfg.stop is None else tuple(self.gcfg.stop)
         self.reset()

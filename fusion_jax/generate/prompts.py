@@ -88,7 +88,8 @@ def encode_request(tokenizer, template, turns, *, has_image: bool = True,
     return {"prompt": prompt, "input_ids": ids, "labels": labels, "instructs": ins}
 
 
-def _bucket(n: int, b: int) -> int:
+def round_up(n: int, b: int) -> int:
+    """n rounded up to a multiple of the bucket b (0: unbucketed): fewer distinct shapes, fewer compiles."""
     return n if not b else -(-n // b) * b
 
 
@@ -152,8 +153,8 @@ def layout_padded(cfg, input_ids, instructs, images, *, attention_mask=None, lab
     need = max(lengths)
     ins = [np.asarray(x, np.int64).reshape(-1) for x in instructs]
     lay = build_layout(input_ids, labels, ins, num_image_tokens=cfg.num_image_tokens, query_len=q,
-                       max_questions=n_q, seq_len=_bucket(need, seq_bucket),
-                       instruct_len=_bucket(max(max(x.shape[0] for x in ins), 1), instruct_bucket),
+                       max_questions=n_q, seq_len=round_up(need, seq_bucket),
+                       instruct_len=round_up(max(max(x.shape[0] for x in ins), 1), instruct_bucket),
                        pad_id=pad_id, max_length=cfg.max_length)
     lay.pop("labels", None)
     lay["images"] = np.asarray(images, np.float32)

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from fusion_jax.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, INSTRUCT_INDEX
+from fusion_jax.generate.prompts import round_up
 
 
 def clean_context(context: str) -> str:
@@ -52,9 +53,6 @@ def _score(model, batch):
     return jnp.sum(jnp.where(m, tok_lp, 0.0), -1), jnp.all(greedy, -1)
 
 
-def _bucket(n: int, b: int) -> int:
-    return n if not b else -(-n // b) * b
-
 
 def loglikelihoods(model, tokenizer, items, *, template=None, query_len=None, batch_size: int = 1,
                    seq_bucket: int = 64, instruct_bucket: int = 0) -> list:
@@ -74,8 +72,8 @@ def loglikelihoods(model, tokenizer, items, *, template=None, query_len=None, ba
         check_context(cfg, lengths)
         lay = build_layout([e["input_ids"] for e in encs], [e["labels"] for e in encs],
                            [e["instructs"] for e in encs], num_image_tokens=cfg.num_image_tokens, query_len=q,
-                           max_questions=1, seq_len=_bucket(max(lengths), seq_bucket),
-                           instruct_len=_bucket(max(e["instructs"].shape[0] for e in encs), instruct_bucket),
+                           max_questions=1, seq_len=round_up(max(lengths), seq_bucket),
+                           instruct_len=round_up(max(e["instructs"].shape[0] for e in encs), instruct_bucket),
                            pad_id=int(getattr(tokenizer, "pad_id", 0) or 0), max_length=cfg.max_length)
         lay["images"] = np.stack([load_image_crops(cfg, img) for img in imgs])
         lp, greedy = jax.device_get(_score(model, {k: jnp.asarray(v) for k, v in lay.items()}))
