@@ -176,20 +176,27 @@ def _split_micro(x, A: int, mesh):
     return y
 
 
-def _accumulate(grad_fn, params, frozen_params, batch, totals, A: int, mesh):
-    """(loss, parts), grads summed over A interleaved micro-batches (scanned)."""
+def _accumulate(grad_fn, params, frozen_params, batch, totals, A: int, mesh, key=None):
+    """(loss, parts), grads summed over A interleaved micro-batches (scanned); `key`: LoRA dropout's
+    step key (micro-batch i gets `_micro_key(key, i)`) or None."""
     micro = jax.tree.map(lambda x: _split_micro(x, A, mesh), batch)
+    keys = None if key is None else jax.vmap(lambda i: _micro_key(key, i))(jnp.arange(A))
 
-    def body(carry, mb):
+    def body(carry, xs):
         g_acc, loss_acc, parts_acc = carry
-        (loss, parts), g = grad_fn(params, frozen_params, mb, totals)
+        mb, k = xs
+        (loss, parts), g = grad_fn(params, frozen_params, mb, totals, k)
         return (jax.tree.map(jnp.add, g_acc, g), loss_acc + loss, jax.tree.map(jnp.add, parts_acc, parts)), None
 
     zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     zeros_parts = {k: jnp.float32(0.0) for k in ("ce_loss", "instruct_cos_loss", "vision_cos_loss", "dsm_loss")}
     zeros_parts["num_targets"] = jnp.int32(0)
-    (grads, loss, parts), _ = jax.lax.scan(body, (zeros_g, jnp.float32(0.0), zeros_parts), micro)
+    (grads, loss, parts), _ = jax.lax.scan(body, (zeros_g, jnp.float32(0.0), zeros_parts), (micro, keys))
     return (loss, parts), jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+
+
+def _micro_key(key, i):
+    return None if key is None else jax.random.fold_in(key, i)
 
 
 def split_frozen(params, frozen) -> tuple:
@@ -211,10 +218,15 @@ def train_step_fn(cfg: FusionConfig, graphdef, tx, labels, schedules: dict | Non
     optimizer state's shardings (needed with `opts.offload_opt`)."""
     frozen = jax.tree.map(lambda label: label == "frozen", labels)
     A = int(opts.grad_accum)
+    dropout = cfg.lora is not None and cfg.lora.dropout > 0   # LoRA dropout: keys from state["rng"]
 
-    def loss_fn(params, frozen_params, mb, totals):
+    def loss_fn(params, frozen_params, mb, totals, key=None):
         params = join_frozen(params, jax.lax.stop_gradient(frozen_params))
-        out = nnx.merge(graphdef, params)(mb, return_logits=False)
+        model = nnx.merge(graphdef, params)
+        if key is not None:
+            from fusion_jax.lora import attach_dropout_keys
+            attach_dropout_keys(model, key)
+        out = model(mb, return_logits=False)
         obj, parts = micro_objective(cfg, out, mb, totals)
         parts["num_targets"] = out["num_targets"]
         return obj, parts
@@ -232,10 +244,12 @@ def train_step_fn(cfg: FusionConfig, graphdef, tx, labels, schedules: dict | Non
         params = state["params"]
         totals = loss_counts(batch)
         trainable, frozen_params = split_frozen(params, frozen)
+        rng, step_key = jax.random.split(state["rng"])
+        key = step_key if dropout else None
         if A == 1:
-            (loss, parts), grads = grad_fn(trainable, frozen_params, batch, totals)
+            (loss, parts), grads = grad_fn(trainable, frozen_params, batch, totals, _micro_key(key, 0))
         else:
-            (loss, parts), grads = _accumulate(grad_fn, trainable, frozen_params, batch, totals, A, mesh)
+            (loss, parts), grads = _accumulate(grad_fn, trainable, frozen_params, batch, totals, A, mesh, key)
         # frozen leaves: a zero scalar each (their transform is set_to_zero; the norm is unchanged)
         grads = jax.tree.map(lambda g, f: jnp.zeros((), jnp.float32) if g is None else g, grads, frozen_params,
                              is_leaf=lambda x: x is None)
@@ -245,7 +259,6 @@ def train_step_fn(cfg: FusionConfig, graphdef, tx, labels, schedules: dict | Non
         gnorm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = jax.tree.map(lambda p, u, f: p if f else (p + u).astype(p.dtype), params, updates, frozen)
-        rng, _ = jax.random.split(state["rng"])
         new = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1, "rng": rng}
         finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
         if opts.skip_nonfinite:
