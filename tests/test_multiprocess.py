@@ -14,8 +14,9 @@ checkpoint is torn for one process only: both fall back to the previous step.
 
 Compile time dominates on 2 cores, so the workers compile at XLA's lowest CPU backend optimization
 level (every run alike: the comparisons stay like for like) and share one persistent compilation
-cache per module. Process 0 of a pair and the single process reuse it; process 1 compiles anew (on
-CPU the cache key holds the process's own topology fingerprint, and only process 0 writes).
+cache per module: process 0 of a pair loads what an earlier pair compiled; process 1 compiles anew
+(on CPU the cache key holds the process's own topology fingerprint, and only process 0 writes, so
+jax_share_binary_between_hosts would deadlock here: process 1 waits under a key nobody sets).
 """
 from __future__ import annotations
 
