@@ -30,3 +30,23 @@ def golden_dir():
     if missing:
         pytest.fail(f"golden fixtures missing under {GOLDEN}: {missing}")
     return GOLDEN
+
+
+@pytest.fixture(scope="module")
+def jax_compile_cache(tmp_path_factory):
+    """JAX's persistent compilation cache for one test module. A program compiled once is reused by
+    a later jit of it in this process (e.g. a second `loop.train`) and by subprocesses started with
+    the returned environment entries (a CLI run loads what the in-process reference compiled; the
+    matmul precision above is part of the program, so it goes along)."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+    path = str(tmp_path_factory.mktemp("jax_cache"))
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    old = {k: getattr(jax.config, k) for k in keys}
+    jax.config.update(keys[0], path)
+    jax.config.update(keys[1], 0)
+    cc.reset_cache()
+    yield {"JAX_COMPILATION_CACHE_DIR": path, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
+    for k, v in old.items():
+        jax.config.update(k, v)
+    cc.reset_cache()

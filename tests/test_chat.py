@@ -2,7 +2,11 @@
 conversation (full re-encode, chat convention, vision instructs = the first question), while
 the chat extends its KV cache turn by turn; the extended prefill's logits equal a full
 prefill's to 1e-4; `/reset`, `/image`, `/exit`; `--reencode` equals `answer()` re-encoding
-the conversation as the reference's serve/cli.py does."""
+the conversation as the reference's serve/cli.py does.
+
+The reference generations are computed once per conversation (`_full` is memoized) and the
+module shares a persistent compilation cache with the chat subprocess, which then loads the
+programs the in-process sessions compiled instead of compiling them again."""
 from __future__ import annotations
 
 import os
@@ -19,7 +23,7 @@ QS = ["What is in the image?", "And what colour is it?"]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, jax_compile_cache):
     from fusion_jax.data.testing import gradient_image
     from fusion_jax.eval.fixtures import write_tiny_checkpoint
     from fusion_jax.generate import GenerationConfig
@@ -29,11 +33,20 @@ def setup(tmp_path_factory):
     gradient_image(40, 36, seed=0).save(img_path)
     from fusion_jax.generate import open_image
     g = GenerationConfig(max_new_tokens=N, query_len=4, convention="chat")
-    return dict(root=root, ckpt=ckpt, model=model, tok=tok, img_path=img_path, image=open_image(img_path), g=g)
+    return dict(root=root, ckpt=ckpt, model=model, tok=tok, img_path=img_path, image=open_image(img_path), g=g,
+                cache_env=jax_compile_cache, full={})
 
 
-def _full(model, tok, turns, image, g, return_logits=False):
-    """`generate` on the whole conversation: the chat's reference point."""
+def _full(s, turns, image):
+    """(text, outputs with step logits) of `generate` on the whole conversation: the chat's reference
+    point; memoized per conversation (the tests ask for the same ones)."""
+    key = (tuple(turns), image is not None)
+    if key not in s["full"]:
+        s["full"][key] = _generate(s["model"], s["tok"], turns, image, s["g"])
+    return s["full"][key]
+
+
+def _generate(model, tok, turns, image, g):
     from fusion_jax.data.templates import strip_tags
     from fusion_jax.generate import (
         decode_outputs,
@@ -50,7 +63,7 @@ def _full(model, tok, turns, image, g, return_logits=False):
     lay = layout_padded(model.cfg, [e["input_ids"]], [ins], load_image_crops(model.cfg, image)[None],
                         labels=[e["labels"]], query_len=g.query_len, seq_bucket=64, max_new_tokens=N)
     o = generate(model, {k: jnp.asarray(v) for k, v in lay.items()}, max_new_tokens=N, pad_id=tok.pad_id or 0,
-                 eos_ids=stop_token_ids(model.cfg, tok, "phi_3"), return_logits=return_logits)
+                 eos_ids=stop_token_ids(model.cfg, tok, "phi_3"), return_logits=True)
     return decode_outputs(tok, o["tokens"], o["num_tokens"], stop_strings("phi_3"))[0], o
 
 
@@ -58,7 +71,7 @@ def _conversation(s, questions, image):
     turns, out = [], []
     for q in questions:
         turns.append((q, None))
-        text, _ = _full(s["model"], s["tok"], turns, image, s["g"])
+        text, _ = _full(s, turns, image)
         turns[-1] = (q, text)
         out.append(text)
     return out
@@ -75,7 +88,7 @@ def test_cache_extension_equals_full_prefill(setup):
     ids, lay = conversation_batch(s["model"], s["tok"], turns, s["image"], s["g"])
     logits = np.asarray(chat._prefill(ids, lay))
     assert chat.stats == {"extended": 1, "full": 1}
-    _, o = _full(s["model"], s["tok"], turns, s["image"], s["g"], return_logits=True)
+    _, o = _full(s, turns, s["image"])
     np.testing.assert_allclose(logits[0], np.asarray(o["step_logits"])[0, 0], atol=1e-4, rtol=0)
 
 
@@ -100,7 +113,7 @@ def test_chat_through_a_pipe(setup):
     text_only = _conversation(s, QS[:1], None)
     stdin = "\n".join([QS[0], "/image " + s["img_path"], QS[0], QS[1], "/reset", QS[0], "/image missing.png",
                        QS[1], "/exit", "never asked"]) + "\n"
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    env = dict(os.environ, **s["cache_env"], PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
                XLA_FLAGS="--xla_force_host_platform_device_count=1")
     r = subprocess.run([sys.executable, "-m", "fusion_jax.chat", "--ckpt", s["ckpt"], "--max-new-tokens", str(N),
                         "--query-len", "4"], input=stdin, capture_output=True, text=True, env=env, timeout=300)

@@ -100,22 +100,6 @@ def gcs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """JAX's persistent compilation cache for this module: the three runs compile the same programs once."""
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache as cc
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    old = {k: getattr(jax.config, k) for k in keys}
-    jax.config.update(keys[0], str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update(keys[1], 0)
-    cc.reset_cache()
-    yield
-    for k, v in old.items():
-        jax.config.update(k, v)
-    cc.reset_cache()
-
-
-@pytest.fixture(scope="module")
 def data(tmp_path_factory):
     from fusion_jax.data.testing import make_tokenizer_folder, write_dataset
     root = tmp_path_factory.mktemp("data")
@@ -142,7 +126,7 @@ def _tc(path, imgdir, tok, **kw):
     return tc
 
 
-def test_training_checkpoint_resume_and_convert_on_a_gcs_bucket(gcs, compile_cache, data, tmp_path, monkeypatch,
+def test_training_checkpoint_resume_and_convert_on_a_gcs_bucket(gcs, jax_compile_cache, data, tmp_path, monkeypatch,
                                                                 capsys):
     from fusion_jax import paths
     from fusion_jax.convert import orbax_io

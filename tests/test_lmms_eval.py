@@ -3,6 +3,10 @@ its entry point and scores two local YAML tasks over a local JSONL dataset (gene
 batch 2, multiple_choice through loglikelihood); the reported scores are the ones our model's
 answers and log-likelihoods give. loglikelihood equals the sum of the continuation's
 log-probabilities read from the cached generation path (prefill + decode_step), image or not.
+
+Every request here is laid out in the same buckets (prompt 64, instructs 16, batch 2 for the
+scorer), so each program compiles once; the module's persistent compilation cache hands the
+scorer the CLI subprocess needs over from the in-process reference.
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from fusion_jax.generate import decoding
+
 try:
     import lmms_eval  # noqa: F401
 except ImportError as e:   # CI installs it (.ci/run); a missing install is a failure, not a skip
@@ -27,6 +33,10 @@ except ImportError as e:   # CI installs it (.ci/run); a missing install is a fa
                       "pip install --no-deps lmms-eval==0.7.3") from e
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+INSTRUCT_BUCKET = 16   # the CLI's instruct_bucket model arg; the in-process references use it too
+CAPACITY = 8           # decode slots after the prompt on the cached path (>= every continuation's length)
+_prefill = nnx.jit(decoding.prefill, static_argnums=2)   # one wrapper: compiled once per shape
+_decode_step = nnx.jit(decoding.decode_step)
 QUESTIONS = ["What is in the image?", "Is it red?", "Describe the scene.", "How many are there?"]
 CHOICES = ["yes", "no", "maybe"]
 UTILS = '''from PIL import Image
@@ -42,7 +52,7 @@ def process_results(doc, results):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, jax_compile_cache):
     from fusion_jax.data.testing import gradient_image
     from fusion_jax.eval.fixtures import write_tiny_checkpoint
     root = tmp_path_factory.mktemp("lmms")
@@ -54,7 +64,7 @@ def setup(tmp_path_factory):
             continue
         images.append(str(root / f"img{i}.png"))
         gradient_image(36 + 6 * i, 32, seed=i).save(images[-1])
-    return dict(root=root, ckpt=ckpt, model=model, tok=tok, images=images)
+    return dict(root=root, ckpt=ckpt, model=model, tok=tok, images=images, cache_env=jax_compile_cache)
 
 
 def _pil(path):
@@ -65,24 +75,24 @@ def _pil(path):
 def _cached_path_logprob(model, tok, context, continuation, image):
     """sum log p(continuation | prompt) by teacher forcing through the KV cache, and is_greedy."""
     from fusion_jax.eval.lmms_plugin.scoring import encode_pair
-    from fusion_jax.generate import layout_padded, load_image_crops, prefill
-    from fusion_jax.generate.decoding import decode_step as decode_step_
+    from fusion_jax.generate import layout_padded, load_image_crops
     e = encode_pair(tok, "phi_3", context, continuation, image is not None)
     n = e["n_cont"]
     if n == 0:
         return 0.0, True
+    assert n <= CAPACITY, (continuation, n)
     ctx, cont = e["input_ids"][:-n], e["input_ids"][-n:]
-    lay = layout_padded(model.cfg, [ctx], [e["instructs"]], load_image_crops(model.cfg, image)[None], query_len=4)
-    logits, cache, kv_mask, lengths = nnx.jit(prefill, static_argnums=2)(
-        model, {k: jnp.asarray(v) for k, v in lay.items()}, n)
-    decode_step = nnx.jit(decode_step_)
+    lay = layout_padded(model.cfg, [ctx], [e["instructs"]], load_image_crops(model.cfg, image)[None], query_len=4,
+                        seq_bucket=64, instruct_bucket=INSTRUCT_BUCKET)
+    logits, cache, kv_mask, lengths = _prefill(model, {k: jnp.asarray(v) for k, v in lay.items()}, CAPACITY)
     total, greedy = 0.0, True
     for t, tok_id in enumerate(cont):
         lp = np.asarray(jax.nn.log_softmax(logits[0]))
         total += float(lp[tok_id])
         greedy &= int(np.argmax(lp)) == int(tok_id)
-        logits, cache, kv_mask = decode_step(model, jnp.asarray([tok_id], jnp.int32), cache, kv_mask, lengths + t)
+        logits, cache, kv_mask = _decode_step(model, jnp.asarray([tok_id], jnp.int32), cache, kv_mask, lengths + t)
     return total, greedy
+
 
 
 def test_loglikelihood_equals_the_models_own_logprobs(setup):
@@ -91,10 +101,11 @@ def test_loglikelihood_equals_the_models_own_logprobs(setup):
     model, tok = setup["model"], setup["tok"]
     img = _pil(setup["images"][0])
     greedy = answer(model, tok, [{"question": QUESTIONS[0], "image": img}],
-                    GenerationConfig(max_new_tokens=3, query_len=4, instruct_bucket=0))[0]
+                    GenerationConfig(max_new_tokens=3, query_len=4, instruct_bucket=INSTRUCT_BUCKET))[0]
     items = [(QUESTIONS[0], greedy, img), (QUESTIONS[0], " no", img), ("<image>\n" + QUESTIONS[1], " yes", img),
              (QUESTIONS[2], " maybe", None)]
-    got = loglikelihoods(model, tok, items, template="phi_3", query_len=4, batch_size=2)
+    got = loglikelihoods(model, tok, items, template="phi_3", query_len=4, batch_size=2,
+                         instruct_bucket=INSTRUCT_BUCKET)
     for (ctx, cont, im), (lp, is_greedy) in zip(items, got, strict=True):
         want, want_greedy = _cached_path_logprob(model, tok, ctx, cont, im)
         assert lp == pytest.approx(want, abs=1e-4) and is_greedy == want_greedy
@@ -142,22 +153,24 @@ def test_lmms_eval_cli_offline(setup):
     from fusion_jax.eval.lmms_plugin.scoring import loglikelihoods
     from fusion_jax.generate import GenerationConfig, answer
     model, tok = setup["model"], setup["tok"]
-    g = GenerationConfig(max_new_tokens=3, query_len=4, instruct_bucket=16)
+    g = GenerationConfig(max_new_tokens=3, query_len=4, instruct_bucket=INSTRUCT_BUCKET)
     imgs = [_pil(p) for p in setup["images"]]
     answers = [answer(model, tok, [{"question": q, "image": im}], g)[0] for q, im in zip(QUESTIONS, imgs, strict=True)]
     targets = [a if k % 2 == 0 else a + " (wrong)" for k, a in enumerate(answers)]     # exact_match 0.5
     lls = loglikelihoods(model, tok, [(q, " " + c, im) for q, im in zip(QUESTIONS, imgs, strict=True)
-                                      for c in CHOICES], query_len=4, instruct_bucket=16)
+                                      for c in CHOICES], query_len=4, batch_size=2, instruct_bucket=INSTRUCT_BUCKET)
     best = np.argmax(np.asarray([lp for lp, _ in lls]).reshape(len(QUESTIONS), len(CHOICES)), -1)
     golds = [int(b) if k < 3 else (int(b) + 1) % 3 for k, b in enumerate(best)]       # acc 0.75
     tasks = _write_tasks(setup, targets, golds)
     out = setup["root"] / "results"
     extra = _entry_point_dir(setup["root"])
-    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=str(setup["root"] / "hf"),
+    env = dict(os.environ, **setup["cache_env"], HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
+               HF_HOME=str(setup["root"] / "hf"),
                XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([REPO] + ([extra] if extra else []) + [os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run([sys.executable, "-m", "lmms_eval", "--model", "fusion_jax", "--model_args",
-                        f"pretrained={setup['ckpt']},query_len=4,instruct_bucket=16", "--tasks", "fj_vqa,fj_mc",
+                        f"pretrained={setup['ckpt']},query_len=4,instruct_bucket={INSTRUCT_BUCKET}",
+                        "--tasks", "fj_vqa,fj_mc",
                         "--include_path", str(tasks), "--batch_size", "2", "--output_path", str(out)],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

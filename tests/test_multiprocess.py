@@ -11,6 +11,12 @@ single-process global batch.
 Coordinated preemption: two processes train into one workdir; SIGTERM reaches one of them only;
 both stop at the same step with one checkpoint, and a rerun resumes on both. Then the latest
 checkpoint is torn for one process only: both fall back to the previous step.
+
+Compile time dominates on 2 cores, so the workers compile at XLA's lowest CPU backend optimization
+level (every run alike: the comparisons stay like for like) and share one persistent compilation
+cache per module: process 0 of a pair loads what an earlier pair compiled; process 1 compiles anew
+(on CPU the cache key holds the process's own topology fingerprint, and only process 0 writes, so
+jax_share_binary_between_hosts would deadlock here: process 1 waits under a key nobody sets).
 """
 from __future__ import annotations
 
@@ -28,7 +34,9 @@ import pytest
 HERE = os.path.abspath(__file__)
 REPO = os.path.dirname(os.path.dirname(HERE))
 STEPS = 3
-TRAIN_STEPS = 1000  # never reached: the first run stops on the signal, the rerun after stop_after
+TRAIN_STEPS = 1000  # never reached: the first run stops on the signal, the rerun after stop_after.
+# The comparison runs use it too (it only sets the lr schedule): their train step is then the
+# program that the preemption runs find in the compilation cache.
 GLOBAL_BATCH = 16
 DEVICES_TOTAL = 8
 
@@ -40,7 +48,7 @@ def _tiny_tc(data_path: str, image_folder: str, tokenizer: str):
     tc = tiny_train_config()
     with tc.unlocked():
         tc.global_batch_size = GLOBAL_BATCH
-        tc.total_steps = STEPS
+        tc.total_steps = TRAIN_STEPS
         tc.mesh = (-1, 1, 1)
         tc.data.source = "path"
         tc.vision_warmup.steps = 0              # the warm start reads synthesized descriptions
@@ -122,9 +130,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(pid, nproc, port, out, data, tmp, *extra, tag=""):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES_TOTAL // nproc}"
+def _spawn(pid, nproc, port, out, data, tmp, cache_env, *extra, tag=""):
+    env = dict(os.environ, **cache_env)
+    env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={DEVICES_TOTAL // nproc} "
+                        "--xla_backend_optimization_level=0")   # halves the compile time of the tiny model
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     log = open(os.path.join(tmp, f"log{tag}_{nproc}_{pid}.txt"), "w")
@@ -132,7 +141,7 @@ def _spawn(pid, nproc, port, out, data, tmp, *extra, tag=""):
                             env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT), log
 
 
-def test_two_processes_match_single_process(tmp_path):
+def test_two_processes_match_single_process(tmp_path, jax_compile_cache):
     from fusion_jax.data.testing import make_tokenizer_folder, write_dataset
     path, imgdir = write_dataset(str(tmp_path / "data"), n=GLOBAL_BATCH * STEPS, size=24)
     tok = make_tokenizer_folder(str(tmp_path / "tok"))
@@ -143,7 +152,7 @@ def test_two_processes_match_single_process(tmp_path):
     procs = []
     for pid, n, p in runs:  # all three at once: the single-process run overlaps the pair's startup
         out = str(tmp_path / f"out_{n}_{pid}.json")
-        procs.append((out,) + _spawn(pid, n, p, out, data, str(tmp_path)))
+        procs.append((out,) + _spawn(pid, n, p, out, data, str(tmp_path), jax_compile_cache))
     single, p0, p1 = _finish(procs, 220)
     wall = time.time() - t0
     print(f"multi-process test wall {wall:.1f}s; single {single['losses']} multi {p0['losses']}")
@@ -183,7 +192,7 @@ def _finish(procs, timeout: float):
     return [json.load(open(o)) for o, _, _ in procs]
 
 
-def test_sigterm_on_one_host_stops_both_at_one_step(tmp_path):
+def test_sigterm_on_one_host_stops_both_at_one_step(tmp_path, jax_compile_cache):
     from fusion_jax.data.testing import make_tokenizer_folder, write_dataset
     from fusion_jax.train.metrics import read_metrics
     path, imgdir = write_dataset(str(tmp_path / "data"), n=2 * GLOBAL_BATCH, size=24)
@@ -193,7 +202,8 @@ def test_sigterm_on_one_host_stops_both_at_one_step(tmp_path):
 
     def run(tag, stop_after):
         port, outs = _free_port(), [str(tmp_path / f"{tag}_{pid}.json") for pid in (0, 1)]
-        return [(outs[pid],) + _spawn(pid, 2, port, outs[pid], data, str(tmp_path), wd, str(stop_after), tag=tag)
+        return [(outs[pid],) + _spawn(pid, 2, port, outs[pid], data, str(tmp_path), jax_compile_cache, wd,
+                                       str(stop_after), tag=tag)
                 for pid in (0, 1)]
 
     procs = run("a", -1)
