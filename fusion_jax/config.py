@@ -122,7 +122,8 @@ class LoraConfig:
     """Low-rank adapters (fusion_jax.lora). `target` / `full_train`: regexes (re.search) over module
     paths such as `model/layers/self_attn/qkv_proj`. `base_dtype`: how the frozen base is held
     (nf4 / int8: QLoRA through qwix's QArray). `base`: the folder the base weights come from
-    (set from `init_from`; "" = the seeded random init)."""
+    (set from `init_from`; "" = the seeded random init). `dropout`: peft's lora_dropout, on the adapter
+    branch's input in the train step only (its keys from the train state's rng)."""
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -136,8 +137,8 @@ class LoraConfig:
             raise ValueError(f"lora.rank={self.rank!r}: expected an integer > 0")
         if self.base_dtype not in LORA_BASE_DTYPES:
             raise ValueError(f"lora.base_dtype={self.base_dtype!r}: expected one of {LORA_BASE_DTYPES}")
-        if self.dropout != 0.0:
-            raise ValueError(f"lora.dropout={self.dropout!r}: only 0.0 is supported (docs/lora.md)")
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"lora.dropout={self.dropout!r}: expected a rate in [0, 1)")
         for k in ("target", "full_train"):
             try:
                 re.compile(getattr(self, k))

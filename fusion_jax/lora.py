@@ -19,6 +19,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from fusion_jax.config import FusionConfig, LoraConfig
@@ -52,7 +53,25 @@ def add_adapters(model, lc: LoraConfig, seed: int = 0):
     rule = lora_rule(lc)
     key = jax.random.fold_in(jax.random.PRNGKey(seed), 0x10A)
     for i, (_, m) in enumerate(adapted_linears(model, lc)):
-        m.add_lora(lc.rank, lc.scale, jax.random.fold_in(key, i), init_a=rule.lora_a_initializer)
+        m.add_lora(lc.rank, lc.scale, jax.random.fold_in(key, i), init_a=rule.lora_a_initializer,
+                   dropout=lc.dropout)
+    return model
+
+
+def attach_dropout_keys(model, key):
+    """Turn LoRA dropout on for one training forward of `model` (a fresh `nnx.merge` inside the train
+    step): the i-th adapted layer (graph order) gets fold_in(fold_in(key, i), layer) per stacked layer,
+    as a `LoraDropoutKey` stacked like its kernel, so the layer scan hands each layer its own key.
+    Models that never get keys (eval, generation, chat, merge, export) run without dropout."""
+    from fusion_jax.nn import LoraDropoutKey
+    sites = [m for _, m in nnx.iter_modules(model) if isinstance(m, Linear) and getattr(m, "lora_a", None) is not None]
+    for i, m in enumerate(sites):
+        k = jax.random.fold_in(key, i)
+        stack = m.lora_a.get_value().shape[:-2]
+        n = int(np.prod(stack)) if stack else 0
+        if n:
+            k = jax.vmap(lambda j, k=k: jax.random.fold_in(k, j))(jnp.arange(n)).reshape(stack + k.shape)
+        m.lora_dropout_key = LoraDropoutKey(k)
     return model
 
 
@@ -181,6 +200,6 @@ def merge_adapters(model):
             k = m.kernel.get_value()
             delta = jnp.matmul(m.lora_a.get_value().astype(jnp.float32), m.lora_b.get_value().astype(jnp.float32))
             m.kernel.set_value((k.astype(jnp.float32) + delta * m.lora_scale).astype(k.dtype))
-            del m.lora_a, m.lora_b, m.lora_scale
+            del m.lora_a, m.lora_b, m.lora_scale, m.lora_dropout
     model.cfg = model.cfg.replace(lora=None)
     return model

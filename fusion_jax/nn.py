@@ -30,6 +30,11 @@ class LoraParam(nnx.Param):
     """A low-rank adapter factor (`lora_a` [.., in, r] / `lora_b` [.., r, out]): trained under LoRA."""
 
 
+class LoraDropoutKey(nnx.Variable):
+    """PRNG keys of LoRA dropout ([..layers, key]), attached for one training forward only
+    (`lora.attach_dropout_keys`): never a parameter, never saved; without it the adapters run undropped."""
+
+
 class QuantParam(nnx.Param):
     """A frozen QLoRA base weight's qwix QArray parts (`kernel_qvalue`, `kernel_scale`)."""
 
@@ -52,9 +57,10 @@ class Linear(nnx.Module):
         self.bias = _param(jnp.zeros(stack + (dout,), param_dtype), sa + (axes[1],)) if use_bias else None
         self.dtype, self.linear_2d = dtype, linear_2d
 
-    def add_lora(self, rank: int, scale: float, key, init_a=None):
-        """Adapters y += scale * (x @ lora_a) @ lora_b, stacked like the kernel; lora_b = 0, so the
-        output is unchanged until it trains. `init_a(key, shape, dtype)`: qwix LoraRule's he_uniform."""
+    def add_lora(self, rank: int, scale: float, key, init_a=None, dropout: float = 0.0):
+        """Adapters y += scale * (dropout(x) @ lora_a) @ lora_b, stacked like the kernel; lora_b = 0, so
+        the output is unchanged until it trains. `init_a(key, shape, dtype)`: qwix LoraRule's he_uniform.
+        `dropout` (peft's lora_dropout) acts only while a `LoraDropoutKey` is attached (training)."""
         shape, axes = self.kernel.get_value().shape, self.kernel.get_metadata()["logical_axes"]
         sa, (din, dout) = axes[:-2], shape[-2:]
         dt = jnp.float32 if self.kernel.get_value().dtype.itemsize < 4 else self.kernel.get_value().dtype
@@ -62,6 +68,7 @@ class Linear(nnx.Module):
         self.lora_a = LoraParam(a, logical_axes=sa + (axes[-2], "lora_rank"))
         self.lora_b = LoraParam(jnp.zeros(shape[:-2] + (rank, dout), dt), logical_axes=sa + ("lora_rank", axes[-1]))
         self.lora_scale = float(scale)
+        self.lora_dropout = float(dropout)
 
     def quantize_kernel(self, qtype: str, tile: int):
         """Replace the (frozen) kernel by a qwix QArray: per output channel, tiles of `tile` inputs."""
@@ -88,12 +95,20 @@ class Linear(nnx.Module):
         w = qwix.QArray(self.kernel_qvalue[...], self.kernel_scale[...].astype(dt), qtype=qtype)
         return qwix.dot_general(x.astype(dt), w, (((x.ndim - 1,), (0,)), ((), ())))
 
+    def _lora(self, x, dt):
+        """scale * (dropout(x) @ A) @ B; the base path sees x undropped (peft's order)."""
+        key = getattr(self, "lora_dropout_key", None)
+        if key is not None and self.lora_dropout > 0:
+            keep = jax.random.bernoulli(key[...], 1.0 - self.lora_dropout, x.shape)
+            x = jnp.where(keep, x / jnp.asarray(1.0 - self.lora_dropout, dt), jnp.zeros((), dt))
+        a, b = self.lora_a[...].astype(dt), self.lora_b[...].astype(dt)
+        return jnp.matmul(jnp.matmul(x, a), b) * jnp.asarray(self.lora_scale, dt)
+
     def __call__(self, x):
         dt = dtype_of(self.dtype)
         y = self._base(x, dt)
         if getattr(self, "lora_a", None) is not None:
-            a, b = self.lora_a[...].astype(dt), self.lora_b[...].astype(dt)
-            y = y + jnp.matmul(jnp.matmul(x.astype(dt), a), b) * jnp.asarray(self.lora_scale, dt)
+            y = y + self._lora(x.astype(dt), dt)
         if self.bias is not None:
             y = y + self.bias[...].astype(dt)
         return y

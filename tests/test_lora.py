@@ -57,7 +57,8 @@ def _small(family="llama"):
 
 
 def test_adapters_start_at_the_base():
-    """B = 0 at init: exactly the base's logits. (Merging: test_merge_lora_and_loading_adapters_with_base.)"""
+    """B = 0 at init: exactly the base's logits; LoRA dropout only where the train step attaches keys.
+    (Merging: test_merge_lora_and_loading_adapters_with_base.)"""
     cfg = _small()
     base = FusionForCausalLM(cfg, seed=0)
     batch = random_batch(cfg, seq_len=96)
@@ -71,7 +72,45 @@ def test_adapters_start_at_the_base():
     assert q.lora_a.get_value().shape == (cfg.llm.num_hidden_layers, cfg.llm.hidden_size, 4)
     assert np.abs(q.lora_a.get_value()).max() > 0 and not np.any(q.lora_b.get_value())
     _randomize_adapters(model)
-    assert np.abs(_logits(model, batch) - want).max() > 1e-2   # same program, trained adapters: they act
+    trained = _logits(model, batch)
+    assert np.abs(trained - want).max() > 1e-2   # same program, trained adapters: they act
+    # lora.dropout configured: the model as eval / generate / chat / merge use it (no keys) runs undropped
+    drop = lora.build_model(cfg.replace(lora=dataclasses.replace(lc, dropout=0.05)), 1)
+    nnx.update(drop, nnx.state(model))
+    np.testing.assert_array_equal(_logits(drop, batch), trained)
+    # the train step's keys (lora.attach_dropout_keys): one per adapted layer and stacked layer
+    lora.attach_dropout_keys(drop, jax.random.PRNGKey(0))
+    keys = np.stack([m.lora_dropout_key.get_value() for _, m in lora.adapted_linears(drop, lc)])
+    assert keys.shape[:2] == (7, cfg.llm.num_hidden_layers)   # q, k, v, o, gate, up, down
+    assert len(np.unique(keys.reshape(-1, keys.shape[-1]), axis=0)) == keys.shape[0] * keys.shape[1]
+
+
+def test_lora_dropout_is_inverted_dropout_on_the_adapter_input():
+    """peft's order: y = x @ W + scale * (dropout(x) @ A) @ B, with torch's inverted dropout (kept
+    inputs scaled by 1 / (1 - p)); only while keys are attached (the train step), per scanned layer."""
+    import torch
+
+    from fusion_jax.nn import Linear, LoraDropoutKey, scan_layers
+    p, d, n = 0.05, 64, 2
+    eye = jnp.broadcast_to(jnp.eye(d), (n, d, d))
+    lin = Linear(d, d, use_bias=False, stack=(n,), rngs=nnx.Rngs(0))
+    lin.add_lora(d, 1.0, jax.random.PRNGKey(1), init_a=lambda k, shape, dt: eye, dropout=p)
+    lin.lora_b.set_value(eye)                       # A = B = I, scale 1: the branch is dropout(x)
+    x = jax.random.normal(jax.random.PRNGKey(2), (n, 512, d))
+    run = jax.jit(lambda g, st: scan_layers(nnx.merge(g, st), lambda layer, c, xi: (c, layer(xi)), 0, x)[1],
+                  static_argnums=0)
+    lin.kernel.set_value(jnp.zeros_like(eye))
+    np.testing.assert_array_equal(run(*nnx.split(lin)), x)   # no keys: no dropout
+    lin.lora_dropout_key = LoraDropoutKey(jax.random.split(jax.random.PRNGKey(3), n))
+    drop = np.asarray(run(*nnx.split(lin)))
+    kept = drop != 0
+    torch.manual_seed(0)
+    scale = torch.nn.functional.dropout(torch.ones(64), p, training=True).max().item()   # 1 / (1 - p)
+    np.testing.assert_allclose(drop[kept], np.asarray(x)[kept] * scale, rtol=1e-6)
+    assert abs(kept.mean() - (1 - p)) < 0.01
+    assert not np.array_equal(kept[0], kept[1])   # each layer its own mask
+    lin.kernel.set_value(eye)
+    np.testing.assert_allclose(run(*nnx.split(lin)), x + drop, rtol=1e-5, atol=1e-6)   # base path: x undropped
 
 
 class _DataState:
@@ -84,9 +123,9 @@ class _DataState:
         assert state == {"pos": 0}
 
 
-def _setup(tmp_path, base_dtype, base_params, **tc_kw):
+def _setup(tmp_path, base_dtype, base_params, dropout=0.0, **tc_kw):
     base = _write_folder(tmp_path / "base", _cfg(), base_params)
-    cfg = _cfg().replace(lora=LoraConfig(rank=4, alpha=8.0, base_dtype=base_dtype, base=base))
+    cfg = _cfg().replace(lora=LoraConfig(rank=4, alpha=8.0, dropout=dropout, base_dtype=base_dtype, base=base))
     mesh = make_mesh((1, 1, 1), jax.devices()[:1])
     return loop.Setup(_tc(mesh=(1, 1, 1), **tc_kw), None, mesh=mesh, model_cfg=cfg)
 
@@ -100,11 +139,12 @@ def _steps(s, state, batches):
 
 
 def test_only_adapters_and_full_train_change_and_resume_is_exact(tmp_path):
-    """On a QLoRA (nf4) base read from a folder: the real train step (2 accumulated micro-batches),
-    checkpoint and resume."""
+    """On a QLoRA (nf4) base read from a folder, with the reference's LoRA dropout (0.05): the real train
+    step (2 accumulated micro-batches) learns, checkpoint and resume. Dropout's keys come from the
+    state's rng: a step is a function of the state (resume: same losses), another rng gives others."""
     from fusion_jax.train import checkpoint as ckpt_lib
     base_params = nnx.split(FusionForCausalLM(_cfg(), seed=5))[1].to_pure_dict()
-    s = _setup(tmp_path, "nf4", base_params, grad_accum=2)
+    s = _setup(tmp_path, "nf4", base_params, dropout=0.05, grad_accum=2)
     lc = s.cfg.lora
     batches = [_batch(seed=i) for i in range(4)]
     state = s.init_state()
@@ -139,6 +179,8 @@ def test_only_adapters_and_full_train_change_and_resume_is_exact(tmp_path):
     restored, step = loop.init_or_resume(s, ck, _DataState(), str(tmp_path / "run"))
     ck.close()
     assert step == 2
+    other = {**jax.tree.map(jnp.copy, restored), "rng": jax.device_put(jax.random.PRNGKey(9), restored["rng"].sharding)}
+    assert _steps(s, other, batches[2:3])[1][0] != rest[0]
     restored, again = _steps(s, restored, batches[2:])
     assert again == rest and first[0] > rest[-1]
     for k, v in _flat(jax.device_get(restored["params"])).items():

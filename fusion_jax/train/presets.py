@@ -117,9 +117,10 @@ def stage_config(size: str, stage: str, x: bool = False) -> mlc.ConfigDict:
 def lora_config(**kw) -> mlc.ConfigDict:
     """config.lora (fusion_jax.config.LoraConfig's keys; rank 0 = off). Defaults: the reference's
     `--lora_enable` targets (the LLM's linear layers) and non_lora_trainables (projectors, interaction
-    layers); rank / alpha as LLaVA's finetune_lora.sh (128 / 256)."""
+    layers); rank / alpha as LLaVA's finetune_lora.sh (128 / 256); dropout 0.05, the reference's
+    `lora_dropout` (which that script keeps)."""
     from fusion_jax.config import LORA_FULL_TRAIN, LORA_TARGET
-    c = mlc.ConfigDict(dict(rank=128, alpha=256.0, dropout=0.0, target=LORA_TARGET, full_train=LORA_FULL_TRAIN,
+    c = mlc.ConfigDict(dict(rank=128, alpha=256.0, dropout=0.05, target=LORA_TARGET, full_train=LORA_FULL_TRAIN,
                             base_dtype="bfloat16"))
     c.update(kw)
     return c

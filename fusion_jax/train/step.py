@@ -176,22 +176,29 @@ def _split_micro(x, A: int, mesh):
     return y
 
 
-def _accumulate(grad_fn, params, frozen_params, batch, totals, A: int, mesh):
-    """(loss, parts), grads summed over A interleaved micro-batches (scanned).
+def _accumulate(grad_fn, params, frozen_params, batch, totals, A: int, mesh, key=None):
+    """(loss, parts), grads summed over A interleaved micro-batches (scanned); `key`: LoRA dropout's
+    step key (micro-batch i gets `_micro_key(key, i)`) or None.
 
-    `grad_fn(params, frozen_params, mb, totals, g_acc) -> ((loss, parts), g_acc + grads)`."""
+    `grad_fn(params, frozen_params, mb, totals, key, g_acc) -> ((loss, parts), g_acc + grads)`."""
     micro = jax.tree.map(lambda x: _split_micro(x, A, mesh), batch)
+    keys = None if key is None else jax.vmap(lambda i: _micro_key(key, i))(jnp.arange(A))
 
-    def body(carry, mb):
+    def body(carry, xs):
         g_acc, loss_acc, parts_acc = carry
-        (loss, parts), g_acc = grad_fn(params, frozen_params, mb, totals, g_acc)
+        mb, k = xs
+        (loss, parts), g_acc = grad_fn(params, frozen_params, mb, totals, k, g_acc)
         return (g_acc, loss_acc + loss, jax.tree.map(jnp.add, parts_acc, parts)), None
 
     zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     zeros_parts = {k: jnp.float32(0.0) for k in ("ce_loss", "instruct_cos_loss", "vision_cos_loss", "dsm_loss")}
     zeros_parts["num_targets"] = jnp.int32(0)
-    (grads, loss, parts), _ = jax.lax.scan(body, (zeros_g, jnp.float32(0.0), zeros_parts), micro)
+    (grads, loss, parts), _ = jax.lax.scan(body, (zeros_g, jnp.float32(0.0), zeros_parts), (micro, keys))
     return (loss, parts), jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+
+
+def _micro_key(key, i):
+    return None if key is None else jax.random.fold_in(key, i)
 
 
 def _subtree(tree, path):
@@ -235,15 +242,15 @@ def sunk_grad_fn(loss_fn, graphdef):
     (`fusion_jax.nn.grad_sinks`), so their fp32 gradients exist once, not twice (the micro-batch's
     and the sum); the sums are the same, bit for bit (tests/test_train.py). The other parameters are
     differentiated as usual and added.
-    `loss_fn(params, frozen_params, mb, totals, accs)` returns ((objective, final accs), parts)."""
+    `loss_fn(params, frozen_params, mb, totals, key, accs)` returns ((objective, final accs), parts)."""
     from fusion_jax import nn
 
-    def grad_fn(params, frozen_params, mb, totals, g_acc):
+    def grad_fn(params, frozen_params, mb, totals, key, g_acc):
         paths = list(nn.scanned_modules(nnx.merge(graphdef, join_frozen(params, frozen_params))))
         sunk, rest = _split_at(params, paths)
         acc_sunk, acc_rest = _split_at(g_acc, paths)
         fixed = join_frozen(sunk, frozen_params)   # reached only through the sinks
-        (obj, _), vjp, parts = jax.vjp(lambda r, a: loss_fn(r, fixed, mb, totals, a), rest, acc_sunk,
+        (obj, _), vjp, parts = jax.vjp(lambda r, a: loss_fn(r, fixed, mb, totals, key, a), rest, acc_sunk,
                                        has_aux=True)
         g_rest, acc_sunk = vjp((jnp.ones_like(obj), acc_sunk))
         return (obj, parts), join_frozen(jax.tree.map(jnp.add, acc_rest, g_rest), acc_sunk)
@@ -265,10 +272,14 @@ def join_frozen(trainable, frozen_params):
 
 
 def make_loss_fn(cfg: FusionConfig, graphdef):
-    """`loss_fn(params, frozen_params, mb, totals, accs=None) -> (objective, parts)` of one
-    micro-batch; with `accs` (gradient sinks, `sunk_grad_fn`) -> ((objective, accs after), parts)."""
-    def loss_fn(params, frozen_params, mb, totals, accs=None):
+    """`loss_fn(params, frozen_params, mb, totals, key=None, accs=None) -> (objective, parts)` of one
+    micro-batch (`key`: LoRA dropout's); with `accs` (gradient sinks, `sunk_grad_fn`) -> ((objective,
+    accs after), parts)."""
+    def loss_fn(params, frozen_params, mb, totals, key=None, accs=None):
         model = nnx.merge(graphdef, join_frozen(params, jax.lax.stop_gradient(frozen_params)))
+        if key is not None:   # LoRA dropout
+            from fusion_jax.lora import attach_dropout_keys
+            attach_dropout_keys(model, key)
         if accs is None:
             out = model(mb, return_logits=False)
         else:
@@ -286,6 +297,7 @@ def train_step_fn(cfg: FusionConfig, graphdef, tx, labels, schedules: dict | Non
     optimizer state's shardings (needed with `opts.offload_opt`)."""
     frozen = jax.tree.map(lambda label: label == "frozen", labels)
     A = int(opts.grad_accum)
+    dropout = cfg.lora is not None and cfg.lora.dropout > 0   # LoRA dropout: keys from state["rng"]
 
     loss_fn = make_loss_fn(cfg, graphdef)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True) if A == 1 else sunk_grad_fn(loss_fn, graphdef)
@@ -301,10 +313,12 @@ def train_step_fn(cfg: FusionConfig, graphdef, tx, labels, schedules: dict | Non
         params = state["params"]
         totals = loss_counts(batch)
         trainable, frozen_params = split_frozen(params, frozen)
+        rng, step_key = jax.random.split(state["rng"])
+        key = step_key if dropout else None
         if A == 1:
-            (loss, parts), grads = grad_fn(trainable, frozen_params, batch, totals)
+            (loss, parts), grads = grad_fn(trainable, frozen_params, batch, totals, _micro_key(key, 0))
         else:
-            (loss, parts), grads = _accumulate(grad_fn, trainable, frozen_params, batch, totals, A, mesh)
+            (loss, parts), grads = _accumulate(grad_fn, trainable, frozen_params, batch, totals, A, mesh, key)
         # frozen leaves: a zero scalar each (their transform is set_to_zero; the norm is unchanged)
         grads = jax.tree.map(lambda g, f: jnp.zeros((), jnp.float32) if g is None else g, grads, frozen_params,
                              is_leaf=lambda x: x is None)
@@ -314,7 +328,6 @@ def train_step_fn(cfg: FusionConfig, graphdef, tx, labels, schedules: dict | Non
         gnorm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = jax.tree.map(lambda p, u, f: p if f else (p + u).astype(p.dtype), params, updates, frozen)
-        rng, _ = jax.random.split(state["rng"])
         new = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1, "rng": rng}
         finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
         if opts.skip_nonfinite:
