@@ -17,7 +17,7 @@ from fusion_jax.constants import MAIN_VIEW, NUM_TILES
 from fusion_jax.interaction import InteractionLayer, context_windows
 from fusion_jax.llm import DecoderLayer, causal_keep, rope_cos_sin
 from fusion_jax.loss import chunked_cross_entropy, cross_entropy, dsm_loss, objective
-from fusion_jax.nn import Embed, Linear, Projector, RMSNorm, dtype_of, scan_layers
+from fusion_jax.nn import Embed, Linear, Projector, RMSNorm, dtype_of, scan_layers, scanned
 from fusion_jax.sharding import constrain
 from fusion_jax.vision import SiglipVisionTower, adaptive_max_pool2d, resize_tokens, stitch_tiles
 
@@ -28,8 +28,8 @@ class FusionModel(nnx.Module):
         dt = dict(param_dtype=cfg.param_dtype, dtype=cfg.compute_dtype)
         kw = dict(dt, linear_2d=cfg.linear_2d)
         self.embed_tokens = Embed(c.vocab_size, c.hidden_size, rngs=rngs, std=cfg.embed_init_std, **dt)
-        self.layers = DecoderLayer(c, stack=(c.num_hidden_layers,), rngs=rngs,
-                                   attn_impl=cfg.attention_impl, **kw)
+        self.layers = scanned(DecoderLayer(c, stack=(c.num_hidden_layers,), rngs=rngs,
+                                           attn_impl=cfg.attention_impl, **kw))
         self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, **dt)
         self.vision_tower = SiglipVisionTower(v, rngs=rngs, early_mask_mode=cfg.early_mask_mode,
                                               remat_policy=cfg.vision_remat_policy or cfg.remat_policy,

@@ -6,6 +6,8 @@ the same module hold the parameters of several layers at once (scanned).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import operator
 
@@ -198,12 +200,24 @@ class Projector(nnx.Module):
         return x
 
 
+def scanned(module: nnx.Module) -> nnx.Module:
+    """Mark a stacked module that `scan_layers` runs, so gradient accumulation can sink its grads."""
+    module.scan_layers_stack = True
+    return module
+
+
+def scanned_modules(model: nnx.Module) -> dict[tuple, nnx.Module]:
+    """{path (pure-dict keys): module} of the modules marked with `scanned`."""
+    return {tuple(path): m for path, m in nnx.iter_modules(model) if getattr(m, "scan_layers_stack", False)}
+
+
 def scan_layers(layers: nnx.Module, body, carry, xs=None, *, unroll: bool = False,
                 remat_policy: str = "none"):
     """Apply `body(layer, carry, x) -> (carry, y)` over a stacked module.
 
     `layers` holds parameters with a leading layer axis. With `unroll` the layers
     run in a Python loop (for debugging / tiny models); otherwise in `lax.scan`.
+    Under `grad_sinks` the module's accumulators ride in the carry (see there).
     """
     graphdef, state = nnx.split(layers)
 
@@ -212,15 +226,106 @@ def scan_layers(layers: nnx.Module, body, carry, xs=None, *, unroll: bool = Fals
         return body(nnx.merge(graphdef, st), c, x)
 
     step = remat(step, remat_policy)
+    n = jax.tree.leaves(state)[0].shape[0]
+    acc = _take_sink(layers)
+    if acc is not None:
+        step, carry, xs, state = _sunk(step), (carry, acc), (xs, jnp.arange(n)), nnx.to_pure_dict(state)
     if unroll:
-        n = jax.tree.leaves(state)[0].shape[0]
         ys = []
         for i in range(n):
             carry, y = step(carry, jax.tree.map(operator.itemgetter(i), (state, xs)))
             ys.append(y)
         ys = None if ys[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *ys)
-        return carry, ys
-    return jax.lax.scan(step, carry, (state, xs))
+    else:
+        carry, ys = jax.lax.scan(step, carry, (state, xs))
+    if acc is not None:
+        carry, acc = carry
+        _put_sink(layers, acc)
+    return carry, ys
+
+
+# ----------------------------------------------------------------------------- gradient sinks
+# Gradient accumulation without a second fp32 copy of the stacked weights' gradients: the
+# accumulator of a scanned stack is carried through its scan, and the backward adds each
+# layer's weight gradient into its row in place (`_sink`'s VJP), instead of building a fresh
+# [layers, ...] gradient that is then added to the accumulator.
+
+_SINKS: contextvars.ContextVar = contextvars.ContextVar("fusion_grad_sinks", default=None)
+
+
+@contextlib.contextmanager
+def grad_sinks(accs: dict):
+    """`accs`: {id(scanned module): accumulator pure dict (None where a leaf takes no gradient)}.
+
+    Yields the same dict, updated as the scans run (a module scanned twice chains its accumulator);
+    raises if a module never ran. Differentiate with respect to the accumulators given in, with the
+    final ones' cotangent = the running sums: the result is running sum + this pass's gradient."""
+    box = {"acc": dict(accs), "used": set()}
+    token = _SINKS.set(box)
+    try:
+        yield box["acc"]
+    finally:
+        _SINKS.reset(token)
+    if box["used"] != set(accs):
+        raise ValueError(f"grad_sinks: {len(set(accs) - box['used'])} scanned module(s) did not run through "
+                         "scan_layers; their gradients would be lost")
+
+
+def _take_sink(layers):
+    box = _SINKS.get()
+    if box is None or id(layers) not in box["acc"]:
+        return None
+    box["used"].add(id(layers))
+    return box["acc"][id(layers)]
+
+
+def _put_sink(layers, acc):
+    _SINKS.get()["acc"][id(layers)] = acc
+
+
+@jax.custom_vjp
+def _sink(w, acc, i):
+    return w, acc
+
+
+def _sink_fwd(w, acc, i):
+    return (w, acc), i
+
+
+def _sink_bwd(i, cts):
+    ct_w, ct_acc = cts
+    row = jax.lax.dynamic_index_in_dim(ct_acc, i, 0, keepdims=False) + ct_w.astype(ct_acc.dtype)
+    return None, jax.lax.dynamic_update_index_in_dim(ct_acc, row, i, 0), None
+
+
+_sink.defvjp(_sink_fwd, _sink_bwd)
+
+
+def _sink_tree(st, acc, i):
+    """Route layer i's weights `st` through `_sink` where `acc` (same paths) holds an accumulator."""
+    flat = jax.tree_util.tree_flatten_with_path(acc)[0]
+    accs, new = dict(flat), {}
+
+    def one(path, w):
+        if path not in accs:
+            return w
+        w, new[path] = _sink(w, accs[path], i)
+        return w
+
+    st = jax.tree_util.tree_map_with_path(one, st)
+    if len(new) != len(flat):
+        missing = sorted(set(accs) - set(new), key=str)
+        raise KeyError(f"grad_sinks: accumulators {[jax.tree_util.keystr(p) for p in missing]} match no weight")
+    return st, jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(acc), [new[p] for p, _ in flat])
+
+
+def _sunk(step):
+    def run(carry, inp):
+        (c, acc), (st, (x, i)) = carry, inp
+        st, acc = _sink_tree(st, acc, i)
+        c, y = step(c, (st, x))
+        return (c, acc), y
+    return run
 
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_with_no_batch_dims_saveable", "offload_dot",

@@ -18,7 +18,7 @@ from flax import nnx
 
 from fusion_jax.attention import KeyMask, attention
 from fusion_jax.config import VisionConfig
-from fusion_jax.nn import ACT, LayerNorm, Linear, _param, dtype_of, remat, scan_layers
+from fusion_jax.nn import ACT, LayerNorm, Linear, _param, dtype_of, remat, scan_layers, scanned
 from fusion_jax.sharding import constrain
 
 
@@ -98,8 +98,8 @@ class SiglipVisionTower(nnx.Module):
         self.cfg = cfg
         self.embeddings = SiglipEmbeddings(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype,
                                            linear_2d=linear_2d)
-        self.layers = SiglipEncoderLayer(cfg, stack=(cfg.num_layers,), rngs=rngs, param_dtype=param_dtype,
-                                         dtype=dtype, attn_impl=attn_impl, linear_2d=linear_2d)
+        self.layers = scanned(SiglipEncoderLayer(cfg, stack=(cfg.num_layers,), rngs=rngs, param_dtype=param_dtype,
+                                                 dtype=dtype, attn_impl=attn_impl, linear_2d=linear_2d))
         self.post_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps,
                                         param_dtype=param_dtype, dtype=dtype)
         self.early_mask_mode, self.remat_policy, self.scan = early_mask_mode, remat_policy, scan

@@ -102,6 +102,62 @@ def test_grad_accumulation_equals_big_batch(single):
         np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("unroll,passes", [(False, 1), (True, 1), (False, 2)])
+def test_grad_sinks_equal_summed_micro_batch_grads(unroll, passes):
+    """Gradient accumulation through `grad_sinks` (train/step.py for grad_accum > 1): a scanned stack under
+    remat, with one frozen leaf, gets the sum of the micro-batches' own gradients, with no second copy of
+    the stack's gradients. Run once per forward (the decoder) the sums are bit-identical; run twice (the
+    vision tower) each pass adds into the sum on its own, a float32 reassociation."""
+    from flax import nnx
+
+    from fusion_jax import nn
+
+    class Net(nnx.Module):
+        def __init__(self):
+            self.layers = nn.scanned(nn.Linear(64, 64, stack=(3,), rngs=nnx.Rngs(0)))
+
+        def __call__(self, x):
+            def body(layer, h, _):
+                return jnp.tanh(layer(h)), None
+            for _ in range(passes):
+                x, _ = nn.scan_layers(self.layers, body, x, unroll=unroll, remat_policy="full")
+            return jnp.sum(x ** 2)
+
+    net = Net()
+    graphdef, params = nnx.split(net)
+    params = nnx.to_pure_dict(params)
+    kernel, bias = params["layers"]["kernel"], params["layers"]["bias"]   # bias: frozen
+    xs = jax.random.normal(jax.random.PRNGKey(1), (4, 2, 64))
+    assert list(nn.scanned_modules(net)) == [("layers",)]
+
+    def loss(k, x):
+        return nnx.merge(graphdef, {"layers": {"kernel": k, "bias": bias}})(x)
+
+    want, grad = np.zeros(kernel.shape, np.float32), jax.jit(jax.grad(loss))
+    for x in xs:   # float32 sums in the same order
+        want = want + np.asarray(grad(kernel, x))
+
+    @jax.jit
+    def sunk(acc0):
+        def micro(acc, x):
+            def f(acc):
+                model = nnx.merge(graphdef, {"layers": {"kernel": kernel, "bias": bias}})
+                with nn.grad_sinks({id(model.layers): {"kernel": acc, "bias": None}}) as final:
+                    out = model(x)
+                return out, final[id(model.layers)]["kernel"]
+            _, vjp = jax.vjp(f, acc)
+            return vjp((jnp.float32(1.0), acc))[0], None
+        return jax.lax.scan(micro, acc0, xs)[0]
+
+    got = sunk(jnp.zeros_like(kernel))
+    if passes == 1:
+        np.testing.assert_array_equal(np.asarray(got), want)
+    else:
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6)
+    mem = sunk.lower(jnp.zeros_like(kernel)).compile().memory_analysis()
+    assert mem.temp_size_in_bytes < kernel.nbytes, "the stack's gradient was materialised beside the sum"
+
+
 def test_frozen_parameters_bit_identical():
     pat = "^model/vision_tower/,^model/aux_projector/"
     s = loop.Setup(_tc(mesh=(1, 1, 1), **{"optim.freeze": pat}), None,

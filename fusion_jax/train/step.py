@@ -178,15 +178,17 @@ def _split_micro(x, A: int, mesh):
 
 def _accumulate(grad_fn, params, frozen_params, batch, totals, A: int, mesh, key=None):
     """(loss, parts), grads summed over A interleaved micro-batches (scanned); `key`: LoRA dropout's
-    step key (micro-batch i gets `_micro_key(key, i)`) or None."""
+    step key (micro-batch i gets `_micro_key(key, i)`) or None.
+
+    `grad_fn(params, frozen_params, mb, totals, key, g_acc) -> ((loss, parts), g_acc + grads)`."""
     micro = jax.tree.map(lambda x: _split_micro(x, A, mesh), batch)
     keys = None if key is None else jax.vmap(lambda i: _micro_key(key, i))(jnp.arange(A))
 
     def body(carry, xs):
         g_acc, loss_acc, parts_acc = carry
         mb, k = xs
-        (loss, parts), g = grad_fn(params, frozen_params, mb, totals, k)
-        return (jax.tree.map(jnp.add, g_acc, g), loss_acc + loss, jax.tree.map(jnp.add, parts_acc, parts)), None
+        (loss, parts), g_acc = grad_fn(params, frozen_params, mb, totals, k, g_acc)
+        return (g_acc, loss_acc + loss, jax.tree.map(jnp.add, parts_acc, parts)), None
 
     zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     zeros_parts = {k: jnp.float32(0.0) for k in ("ce_loss", "instruct_cos_loss", "vision_cos_loss", "dsm_loss")}
@@ -197,6 +199,63 @@ def _accumulate(grad_fn, params, frozen_params, batch, totals, A: int, mesh, key
 
 def _micro_key(key, i):
     return None if key is None else jax.random.fold_in(key, i)
+
+
+def _subtree(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _with_subtrees(tree, subs: dict):
+    """`tree` with the subtree at each path of `subs` replaced (nested dicts copied, not mutated)."""
+    out = dict(tree)
+    for path, sub in subs.items():
+        node = out
+        for k in path[:-1]:
+            node[k] = dict(node[k])
+            node = node[k]
+        node[path[-1]] = sub
+    return out
+
+
+def _split_at(tree, paths):
+    """(inside, outside): leaves under one of `paths` vs the others, None where the other holds them."""
+    def pick(want):
+        return jax.tree_util.tree_map_with_path(
+            lambda p, x: x if any(_names(p)[:len(q)] == q for q in paths) == want else None, tree)
+    return pick(True), pick(False)
+
+
+def _forward_with_sinks(model, mb, accs):
+    """The model's forward with the scanned stacks' accumulators (pure dicts under their paths in
+    `accs`) in `grad_sinks`: (output, `accs` after the scans)."""
+    from fusion_jax import nn
+    mods = nn.scanned_modules(model)
+    with nn.grad_sinks({id(m): _subtree(accs, p) for p, m in mods.items()}) as final:
+        out = model(mb, return_logits=False)
+    return out, _with_subtrees(accs, {p: final[id(m)] for p, m in mods.items()})
+
+
+def sunk_grad_fn(loss_fn, graphdef):
+    """`_accumulate`'s grad_fn: the scanned stacks' gradients go straight into the running sums
+    (`fusion_jax.nn.grad_sinks`), so their fp32 gradients exist once, not twice (the micro-batch's
+    and the sum); the sums are the same, bit for bit (tests/test_train.py). The other parameters are
+    differentiated as usual and added.
+    `loss_fn(params, frozen_params, mb, totals, key, accs)` returns ((objective, final accs), parts)."""
+    from fusion_jax import nn
+
+    def grad_fn(params, frozen_params, mb, totals, key, g_acc):
+        paths = list(nn.scanned_modules(nnx.merge(graphdef, join_frozen(params, frozen_params))))
+        sunk, rest = _split_at(params, paths)
+        acc_sunk, acc_rest = _split_at(g_acc, paths)
+        fixed = join_frozen(sunk, frozen_params)   # reached only through the sinks
+        (obj, _), vjp, parts = jax.vjp(lambda r, a: loss_fn(r, fixed, mb, totals, key, a), rest, acc_sunk,
+                                       has_aux=True)
+        g_rest, acc_sunk = vjp((jnp.ones_like(obj), acc_sunk))
+        return (obj, parts), join_frozen(jax.tree.map(jnp.add, acc_rest, g_rest), acc_sunk)
+
+    return grad_fn
 
 
 def split_frozen(params, frozen) -> tuple:
@@ -212,6 +271,26 @@ def join_frozen(trainable, frozen_params):
                         is_leaf=lambda x: x is None)
 
 
+def make_loss_fn(cfg: FusionConfig, graphdef):
+    """`loss_fn(params, frozen_params, mb, totals, key=None, accs=None) -> (objective, parts)` of one
+    micro-batch (`key`: LoRA dropout's); with `accs` (gradient sinks, `sunk_grad_fn`) -> ((objective,
+    accs after), parts)."""
+    def loss_fn(params, frozen_params, mb, totals, key=None, accs=None):
+        model = nnx.merge(graphdef, join_frozen(params, jax.lax.stop_gradient(frozen_params)))
+        if key is not None:   # LoRA dropout
+            from fusion_jax.lora import attach_dropout_keys
+            attach_dropout_keys(model, key)
+        if accs is None:
+            out = model(mb, return_logits=False)
+        else:
+            out, accs = _forward_with_sinks(model, mb, accs)
+        obj, parts = micro_objective(cfg, out, mb, totals)
+        parts["num_targets"] = out["num_targets"]
+        return (obj if accs is None else (obj, accs)), parts
+
+    return loss_fn
+
+
 def train_step_fn(cfg: FusionConfig, graphdef, tx, labels, schedules: dict | None = None,
                   opts: StepOptions = StepOptions(), mesh=None, opt_sharding=None) -> Callable:
     """The pure (un-jitted) `train_step(state, batch) -> (state, metrics)`; `opt_sharding`: the
@@ -220,18 +299,8 @@ def train_step_fn(cfg: FusionConfig, graphdef, tx, labels, schedules: dict | Non
     A = int(opts.grad_accum)
     dropout = cfg.lora is not None and cfg.lora.dropout > 0   # LoRA dropout: keys from state["rng"]
 
-    def loss_fn(params, frozen_params, mb, totals, key=None):
-        params = join_frozen(params, jax.lax.stop_gradient(frozen_params))
-        model = nnx.merge(graphdef, params)
-        if key is not None:
-            from fusion_jax.lora import attach_dropout_keys
-            attach_dropout_keys(model, key)
-        out = model(mb, return_logits=False)
-        obj, parts = micro_objective(cfg, out, mb, totals)
-        parts["num_targets"] = out["num_targets"]
-        return obj, parts
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    loss_fn = make_loss_fn(cfg, graphdef)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True) if A == 1 else sunk_grad_fn(loss_fn, graphdef)
 
     def train_step(state, batch):
         if mesh is not None:  # lets the model's activation constraints see the mesh
