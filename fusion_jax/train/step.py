@@ -240,8 +240,9 @@ def _forward_with_sinks(model, mb, accs):
 def sunk_grad_fn(loss_fn, graphdef):
     """`_accumulate`'s grad_fn: the scanned stacks' gradients go straight into the running sums
     (`fusion_jax.nn.grad_sinks`), so their fp32 gradients exist once, not twice (the micro-batch's
-    and the sum); the sums are the same, bit for bit (tests/test_train.py). The other parameters are
-    differentiated as usual and added.
+    and the sum). A stack run once per forward (the decoder) gets the same sums bit for bit; one run
+    twice (the vision tower) adds each pass on its own, a float32 reassociation (tests/test_train.py).
+    The other parameters are differentiated as usual and added.
     `loss_fn(params, frozen_params, mb, totals, key, accs)` returns ((objective, final accs), parts)."""
     from fusion_jax import nn
 
