@@ -54,6 +54,7 @@ def _check_report(r, n_dev):
     assert r["argument_bytes"] > 0 and r["alias_bytes"] > 0
     assert r["flops_per_step"] > 0 and r["model_flops_per_step"] > 0
     assert r["compile_s"] > 0
+    assert isinstance(r["peak_memory_bytes"], int) and isinstance(r["host_temp_bytes"], int)
 
 
 def test_cpu_compile_reports_memory_and_flops(micro_cfg, capsys):
@@ -63,6 +64,7 @@ def test_cpu_compile_reports_memory_and_flops(micro_cfg, capsys):
     assert rc == 0
     _check_report(r, 2)
     assert r["mesh"] == {"data": 1, "fsdp": 2, "tensor": 1}
+    assert r["attention_impl"] == "auto" and r["attention_kernel"] in ("xla", "chunked")
     for k in ("fits", "bytes_per_device", "hbm_bytes_per_device", "flops_per_step", "compile_s"):
         assert k in r
     assert r["command"].startswith("python -m fusion_jax.tools.aot_compile --config")
@@ -108,6 +110,7 @@ def test_tpu_topology_compile(micro_cfg):
     _check_report(r, 4)
     assert r["chip"] == "v5e" and r["hbm_bytes_per_device"] == 16 << 30
     assert r["roofline_step_s"] > 0 and r["peak_flops_per_device"] == 197e12
+    assert r["attention_kernel"] == "splash"
 
 
 def test_policy_sweep_prints_one_row_per_policy(micro_cfg, capsys, monkeypatch):
