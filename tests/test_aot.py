@@ -65,6 +65,7 @@ def test_cpu_compile_reports_memory_and_flops(micro_cfg, capsys):
     _check_report(r, 2)
     assert r["mesh"] == {"data": 1, "fsdp": 2, "tensor": 1}
     assert r["attention_impl"] == "auto" and r["attention_kernel"] in ("xla", "chunked")
+    assert r["fits_by"] == "memory_analysis"
     for k in ("fits", "bytes_per_device", "hbm_bytes_per_device", "flops_per_step", "compile_s"):
         assert k in r
     assert r["command"].startswith("python -m fusion_jax.tools.aot_compile --config")
@@ -111,6 +112,23 @@ def test_tpu_topology_compile(micro_cfg):
     assert r["chip"] == "v5e" and r["hbm_bytes_per_device"] == 16 << 30
     assert r["roofline_step_s"] > 0 and r["peak_flops_per_device"] == 197e12
     assert r["attention_kernel"] == "splash"
+    assert r["fits_by"] == "tpu_compiler" and 0 < r["peak_memory_bytes"] <= r["hbm_bytes_per_device"]
+
+
+@pytest.mark.skipif(not _has_libtpu() or not os.environ.get("FUSION_TEST_TPU_AOT"),
+                    reason="needs libtpu (pip install 'jax[tpu]') and FUSION_TEST_TPU_AOT=1")
+def test_tpu_compiler_rejects_programs_over_hbm():
+    """What `fits` relies on for TPU topologies: the compiler itself refuses a program whose HBM
+    allocations (here an argument and an output of 10 GiB each on a 16 GiB v5e) exceed the chip."""
+    import jax.numpy as jnp
+    from jax.sharding import SingleDeviceSharding
+    dev = A.topology_devices("v5e:2x2")[0]
+    x = jax.ShapeDtypeStruct((10 * 2 ** 28,), jnp.float32, sharding=SingleDeviceSharding(dev))
+    double = jax.jit(lambda a: a * 2.0)
+    with pytest.raises(Exception, match="RESOURCE_EXHAUSTED"):
+        double.lower(x).compile()
+    donated = jax.jit(lambda a: a * 2.0, donate_argnums=0).lower(x).compile()   # output reuses the input
+    assert donated.memory_analysis().alias_size_in_bytes == 10 * 2 ** 30
 
 
 def test_policy_sweep_prints_one_row_per_policy(micro_cfg, capsys, monkeypatch):
@@ -127,7 +145,8 @@ def test_policy_sweep_prints_one_row_per_policy(micro_cfg, capsys, monkeypatch):
              "hbm_bytes_per_device": 16 << 30, "fits": fits, "status": "ok" if fits else "oom"}
         if fits:
             r.update(argument_bytes=1 << 30, output_bytes=1 << 30, alias_bytes=1 << 30, temp_bytes=2 << 30,
-                     code_bytes=0, bytes_per_device=3 << 30, flops_per_device=1.5e12, flops_per_step=6e12,
+                     code_bytes=0, bytes_per_device=3 << 30, peak_memory_bytes=5 << 29, fits_by="tpu_compiler",
+                     flops_per_device=1.5e12, flops_per_step=6e12,
                      model_flops_per_step=5e12, compiled_over_model_flops=1.2)
         else:
             r.update(bytes_per_device=20 << 30, error="RESOURCE_EXHAUSTED")
@@ -139,7 +158,7 @@ def test_policy_sweep_prints_one_row_per_policy(micro_cfg, capsys, monkeypatch):
     captured = capsys.readouterr()
     assert rc == 0 and seen == [("none", "on"), ("full", "on"), ("offload_dot", "on")]
     table = [line for line in captured.err.splitlines() if line.startswith("|")]
-    assert len(table) == 2 + 3 and "| full | yes | 1.00 GiB / 2.00 GiB / 3.00 GiB | 1.5e+12 |" in table[3]
+    assert len(table) == 2 + 3 and "| full | yes | 1.00 GiB / 2.00 GiB / 3.00 GiB / 2.50 GiB | 1.5e+12 |" in table[3]
     assert table[2].startswith("| none | no | over HBM: 20.00 GiB")
     r = json.loads(captured.out.strip().splitlines()[-1])
     assert [p["remat_policy"] for p in r["policies"]] == ["none", "full", "offload_dot"] and r["fits"]
