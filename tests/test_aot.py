@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import textwrap
 
 import jax
@@ -116,6 +118,22 @@ def test_tpu_topology_compile(micro_cfg):
 
 
 @pytest.mark.skipif(not _has_libtpu() or not os.environ.get("FUSION_TEST_TPU_AOT"),
+                    reason="needs libtpu (pip install 'jax[tpu]') and FUSION_TEST_TPU_AOT=1 (~1-2 min compile)")
+def test_tpu_cli_reports_the_compilers_hbm_figure(micro_cfg):
+    """The CLI (a fresh process, so XLA's dump flag takes effect) reads the HBM total that the TPU
+    compiler checks from XLA's buffer-assignment report."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-m", "fusion_jax.tools.aot_compile", "--config", micro_cfg,
+                          "--topology", "v5e:2x2", "--mesh=1,-1,1", "--json"],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["fits"] and r["fits_by"] == "tpu_compiler"
+    assert 0 < r["hbm_used_bytes"] <= r["hbm_bytes_per_device"]
+    assert r["hbm_used_bytes"] <= r["bytes_per_device"]      # memory_analysis's sum is the larger
+
+
+@pytest.mark.skipif(not _has_libtpu() or not os.environ.get("FUSION_TEST_TPU_AOT"),
                     reason="needs libtpu (pip install 'jax[tpu]') and FUSION_TEST_TPU_AOT=1")
 def test_tpu_compiler_rejects_programs_over_hbm():
     """What `fits` relies on for TPU topologies: the compiler itself refuses a program whose HBM
@@ -153,9 +171,11 @@ def test_policy_sweep_prints_one_row_per_policy(micro_cfg, capsys, monkeypatch):
         return r
 
     monkeypatch.setattr(A, "aot_compile", fake)
+    flags = os.environ.get("XLA_FLAGS")
     rc = A.main(["--config", micro_cfg, "--topology", "v5e:2x2", "--policies", "none,full,offload_dot",
                  "--host-offload", "on", "--json"])
     captured = capsys.readouterr()
+    assert os.environ.get("XLA_FLAGS") == flags          # the HBM-report dump flag does not leak
     assert rc == 0 and seen == [("none", "on"), ("full", "on"), ("offload_dot", "on")]
     table = [line for line in captured.err.splitlines() if line.startswith("|")]
     assert len(table) == 2 + 3 and "| full | yes | 1.00 GiB / 2.00 GiB / 3.00 GiB / 2.50 GiB | 1.5e+12 |" in table[3]

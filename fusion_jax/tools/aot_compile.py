@@ -32,8 +32,11 @@ import importlib.util
 import json
 import math
 import os
+import pathlib
 import re
+import shutil
 import sys
+import tempfile
 import time
 
 # The host's own backend must not try to drive a TPU; TPU topologies are compile-only clients.
@@ -70,6 +73,27 @@ def chip_info(device) -> dict:
             total = 0
         return dict(name="cpu", kind=device.device_kind, hbm=total, bw=None, shared_host_memory=True)
     return dict(name=kind or device.platform, kind=device.device_kind, hbm=None, bw=None)
+
+
+HBM_REPORT = "*train_step*memory-usage-report.txt"
+
+
+def enable_hbm_report(dump_dir: str):
+    """Have XLA write its buffer-assignment memory report for the train step under `dump_dir`: the
+    default-memory total there is the figure the TPU compiler checks against HBM. XLA reads the flag
+    at its first compile in the process, so the CLI calls this before anything compiles."""
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump_dir}"
+                               " --xla_dump_hlo_module_re=train_step").strip()
+
+
+def hbm_report_bytes(dump_dir: str, since: float) -> int | None:
+    """HBM (default memory space) total of the newest train-step memory report written after `since`."""
+    files = [p for p in pathlib.Path(dump_dir).glob(HBM_REPORT) if p.stat().st_mtime >= since]
+    if not files:
+        return None
+    text = max(files, key=lambda p: p.stat().st_mtime).read_text()
+    m = re.search(r"Memory Space: default \(color=0\)\s*\nTotal bytes: (\d+)", text)
+    return int(m.group(1)) if m else None
 
 
 # ----------------------------------------------------------------------------- config / devices
@@ -225,7 +249,7 @@ def _memory(rep: dict, compiled, chip: dict):
     compiler_checked = chip["name"] != "cpu" and hbm is not None
     rep["fits_by"] = "tpu_compiler" if compiler_checked else "memory_analysis"
     rep["fits"] = bool(hbm is None or compiler_checked or total <= hbm)
-    used = rep["peak_memory_bytes"] if compiler_checked and rep["peak_memory_bytes"] else total
+    used = rep.get("hbm_used_bytes") or total
     rep["hbm_fraction"] = round(used / hbm, 4) if hbm else None
 
 
@@ -261,7 +285,7 @@ def aot_compile(tc, topology: str, *, mesh_shape=None, remat: str | None = None,
                 instruct_len: int | None = None, grad_accum: int | None = None,
                 compute_dtype: str | None = None, scan_layers: bool | None = None,
                 host_offload: str | None = None, attention_impl: str | None = None,
-                log=lambda s: None) -> dict:
+                hbm_report_dir: str | None = None, log=lambda s: None) -> dict:
     """Lower and compile `tc`'s train step for `topology`; returns the report dict."""
     import jax
 
@@ -305,12 +329,15 @@ def aot_compile(tc, topology: str, *, mesh_shape=None, remat: str | None = None,
     rep["lower_s"] = round(time.perf_counter() - t1, 2)
     log(f"lowered in {rep['lower_s']:.1f}s; compiling ...")
     t2 = time.perf_counter()
+    since = time.time()
     try:
         compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001  (XlaRuntimeError RESOURCE_EXHAUSTED on TPU)
         rep["compile_s"] = round(time.perf_counter() - t2, 2)
+        rep["hbm_used_bytes"] = hbm_report_bytes(hbm_report_dir, since) if hbm_report_dir else None
         return _compile_error(rep, e, chip)
     rep["compile_s"] = round(time.perf_counter() - t2, 2)
+    rep["hbm_used_bytes"] = hbm_report_bytes(hbm_report_dir, since) if hbm_report_dir else None
     _memory(rep, compiled, chip)
     _flops_and_roofline(rep, compiled, chip, len(devices))
     rep["status"] = "ok" if rep["fits"] else "over_hbm"
@@ -336,6 +363,7 @@ def format_report(r: dict) -> str:
         lines += [f"per device      arguments {_gib(r['argument_bytes'])}, outputs {_gib(r['output_bytes'])} "
                   f"(aliased {_gib(r['alias_bytes'])}), temporaries {_gib(r['temp_bytes'])}, "
                   f"code {_gib(r['code_bytes'])}",
+                  f"HBM used        {_gib(r.get('hbm_used_bytes'))} (the compiler's buffer assignment)",
                   f"total           {_gib(r['bytes_per_device'])} (memory_analysis sum), XLA peak "
                   f"{_gib(r.get('peak_memory_bytes'))} of {_gib(r['hbm_bytes_per_device'])} HBM "
                   f"-> {'FITS' if r['fits'] else 'DOES NOT FIT'} (by {r.get('fits_by')})"]
@@ -400,7 +428,7 @@ def _run_one(a, remat, log) -> dict:
                        query_len=a.query_len, max_questions=a.max_questions, instruct_len=a.instruct_len,
                        grad_accum=a.grad_accum, compute_dtype=a.compute_dtype,
                        scan_layers=False if a.unrolled else None, host_offload=a.host_offload,
-                       attention_impl=a.attention, log=log)
+                       attention_impl=a.attention, hbm_report_dir=a.hbm_report_dir, log=log)
 
 
 def main(argv=None) -> int:
@@ -409,6 +437,21 @@ def main(argv=None) -> int:
     def log(msg):
         print(msg, file=sys.stderr if a.json else sys.stdout, flush=True)
 
+    a.hbm_report_dir, xla_flags = None, os.environ.get("XLA_FLAGS")
+    if not a.topology.startswith("cpu"):
+        a.hbm_report_dir = tempfile.mkdtemp(prefix="aot_hbm_")
+        enable_hbm_report(a.hbm_report_dir)
+    try:
+        return _main(a, log, argv)
+    finally:
+        if a.hbm_report_dir:
+            shutil.rmtree(a.hbm_report_dir, ignore_errors=True)
+            os.environ.pop("XLA_FLAGS", None)
+            if xla_flags is not None:
+                os.environ["XLA_FLAGS"] = xla_flags
+
+
+def _main(a, log, argv) -> int:
     from fusion_jax.nn import REMAT_POLICIES
     policies = [a.remat]
     if a.policies:
