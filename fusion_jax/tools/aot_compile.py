@@ -230,8 +230,9 @@ def _compile_error(rep: dict, e: Exception, chip: dict) -> dict:
 def _memory(rep: dict, compiled, chip: dict):
     """Per-device bytes and the verdict. A TPU compile fails with RESOURCE_EXHAUSTED when the program's
     HBM allocations (arguments, temporaries, code) exceed the chip, so a compiled TPU program fits.
-    memory_analysis's sum over-counts the temporaries (by 0.5 GiB of 16 on a 15.5 GiB program the
-    compiler accepted; docs/pod_readiness.md); XLA's peak is close to the compiler's own figure."""
+    memory_analysis's sum over-counts the temporaries (16.04 GiB for a program the compiler counts as
+    15.49 and accepts; docs/pod_readiness.md). XLA's peak is close to the compiler's figure unless
+    something lives in host memory, which the peak also counts."""
     mem = compiled.memory_analysis()
 
     def g(name):
