@@ -231,8 +231,8 @@ def _memory(rep: dict, compiled, chip: dict):
     """Per-device bytes and the verdict. A TPU compile fails with RESOURCE_EXHAUSTED when the program's
     HBM allocations (arguments, temporaries, code) exceed the chip, so a compiled TPU program fits.
     memory_analysis's sum over-counts the temporaries (16.04 GiB for a program the compiler counts as
-    15.49 and accepts; docs/pod_readiness.md). XLA's peak is close to the compiler's figure unless
-    something lives in host memory, which the peak also counts."""
+    15.49 and accepts; docs/pod_readiness.md). XLA's peak is not that figure either (it can be lower,
+    and it counts host memory too); `hbm_used_bytes` from the buffer report is."""
     mem = compiled.memory_analysis()
 
     def g(name):
