@@ -94,7 +94,6 @@ def _cached_path_logprob(model, tok, context, continuation, image):
     return total, greedy
 
 
-
 def test_loglikelihood_equals_the_models_own_logprobs(setup):
     from fusion_jax.eval.lmms_plugin.scoring import loglikelihoods
     from fusion_jax.generate import GenerationConfig, answer

@@ -330,15 +330,15 @@ def aot_compile(tc, topology: str, *, mesh_shape=None, remat: str | None = None,
     rep["lower_s"] = round(time.perf_counter() - t1, 2)
     log(f"lowered in {rep['lower_s']:.1f}s; compiling ...")
     t2 = time.perf_counter()
-    since = time.time()
+    since, compiled, error = time.time(), None, None
     try:
         compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001  (XlaRuntimeError RESOURCE_EXHAUSTED on TPU)
-        rep["compile_s"] = round(time.perf_counter() - t2, 2)
-        rep["hbm_used_bytes"] = hbm_report_bytes(hbm_report_dir, since) if hbm_report_dir else None
-        return _compile_error(rep, e, chip)
+        error = e
     rep["compile_s"] = round(time.perf_counter() - t2, 2)
     rep["hbm_used_bytes"] = hbm_report_bytes(hbm_report_dir, since) if hbm_report_dir else None
+    if error is not None:
+        return _compile_error(rep, error, chip)
     _memory(rep, compiled, chip)
     _flops_and_roofline(rep, compiled, chip, len(devices))
     rep["status"] = "ok" if rep["fits"] else "over_hbm"
