@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import optax
@@ -105,5 +106,15 @@ def make_optimizer(params, *, lr: float, total_steps: int, vision_lr: float | No
     transforms = {k: v for k, v in transforms.items() if k in present}
     tx = optax.multi_transform(transforms, labels)
     if grad_clip:
-        tx = optax.chain(optax.clip_by_global_norm(grad_clip), tx)
+        clip = optax.clip_by_global_norm(grad_clip)
+        tx = Clipped(*optax.chain(clip, tx), clip=clip, inner=tx)
     return tx, labels, {"lr": sched, "vision_lr": vsched}
+
+
+class Clipped(NamedTuple):
+    """`optax.chain(clip, inner)` with its two parts kept: the streamed update (train.streamed) clips
+    the whole gradient once and runs `inner` one parameter at a time."""
+    init: Callable
+    update: Callable
+    clip: optax.GradientTransformation
+    inner: optax.GradientTransformation

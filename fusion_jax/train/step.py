@@ -97,13 +97,6 @@ def resolve_host_offload(setting: str, abstract_state: dict, mesh) -> bool:
     return bool(hbm) and size / mesh.size > 0.4 * hbm
 
 
-def _to_device(tree, shardings, after):
-    """`tree` (host-resident) copied to device memory (`shardings`) once `after` is computed, so the
-    copy does not hold HBM through the forward and backward passes."""
-    after, tree = jax.lax.optimization_barrier((after, tree))
-    return jax.tree.map(lambda x, s: jax.device_put(x, s.with_memory_kind("device")), tree, shardings), after
-
-
 def init_train_state(params: dict, tx, seed: int) -> dict:
     return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
             "rng": jax.random.PRNGKey(seed)}
@@ -323,17 +316,22 @@ def train_step_fn(cfg: FusionConfig, graphdef, tx, labels, schedules: dict | Non
         # frozen leaves: a zero scalar each (their transform is set_to_zero; the norm is unchanged)
         grads = jax.tree.map(lambda g, f: jnp.zeros((), jnp.float32) if g is None else g, grads, frozen_params,
                              is_leaf=lambda x: x is None)
-        if opts.offload_opt:
-            opt_dev, grads = _to_device(state["opt_state"], opt_sharding, grads)
-            state = {**state, "opt_state": opt_dev}
         gnorm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_params = jax.tree.map(lambda p, u, f: p if f else (p + u).astype(p.dtype), params, updates, frozen)
-        new = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1, "rng": rng}
         finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
-        if opts.skip_nonfinite:
-            keep_old = {**state, "step": state["step"] + 1}
-            new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, keep_old)
+        if opts.offload_opt:   # leaf by leaf, the state copied in and out (train.streamed)
+            from fusion_jax.train.streamed import streamed_update
+            keep = finite if opts.skip_nonfinite else jnp.bool_(True)
+            new_params, opt_state = streamed_update(tx, grads, state["opt_state"], params, frozen, keep,
+                                                    opt_sharding)
+            new = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1,
+                   "rng": jnp.where(keep, rng, state["rng"])}
+        else:
+            updates, opt_state = tx.update(grads, state["opt_state"], params)
+            new_params = jax.tree.map(lambda p, u, f: p if f else (p + u).astype(p.dtype), params, updates, frozen)
+            new = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1, "rng": rng}
+            if opts.skip_nonfinite:
+                keep_old = {**state, "step": state["step"] + 1}
+                new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, keep_old)
         metrics = {"loss": loss, "grad_norm": gnorm, "finite": finite, **parts}
         for k, schedule in (schedules or {}).items():
             metrics[k] = jnp.asarray(schedule(state["step"]), jnp.float32)
