@@ -15,11 +15,10 @@ import numpy as np
 from fusion_jax.train.metrics import TrainingError
 
 
-def _preemption_service():
-    """JAX's preemption sync manager (started by jax.distributed.initialize unless
-    jax_enable_preemption_service is off), or None."""
-    from jax._src import distributed
-    return getattr(distributed.global_state, "preemption_sync_manager", None)
+def _preemption_service() -> bool:
+    """Whether JAX's preemption sync service runs: jax.distributed.initialize starts it unless
+    jax_enable_preemption_service is off."""
+    return jax.distributed.is_initialized() and bool(jax.config.jax_enable_preemption_service)
 
 
 def _any_host(flag: int) -> int:
@@ -41,7 +40,7 @@ class Stopper:
         self.signum = None
         self._old = {}
         self.hosts = jax.process_count()
-        self.service = self.hosts > 1 and _preemption_service() is not None
+        self.service = self.hosts > 1 and _preemption_service()
 
     def __enter__(self):
         for s in (signal.SIGINT,) if self.service else (signal.SIGTERM, signal.SIGINT):
