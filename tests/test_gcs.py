@@ -20,7 +20,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from fusion_jax.train import loop, presets
+from fusion_jax.train import loop
 from fusion_jax.train.metrics import read_metrics
 
 BUCKET = "fusion-test"
@@ -108,22 +108,9 @@ def data(tmp_path_factory):
 
 
 def _tc(path, imgdir, tok, **kw):
-    tc = presets.tiny_train_config()
-    with tc.unlocked():
-        del tc["heldout_eval"]
-        tc.vision_warmup.steps = 0
-        tc.data.source = "path"
-        tc.data.path, tc.data.image_folder, tc.data.tokenizer = path, imgdir, tok
-        tc.data.update(dict(max_length=160, seq_buckets=(160,), instruct_buckets=(32,), max_instruct_len=32))
-        tc.update(dict(total_steps=4, global_batch_size=8, log_every=1, checkpoint_every=2, keep_checkpoints=2,
-                       tensorboard=True))
-        tc.model.update(dict(scan_layers=True, linear_2d=False, ce_skip_empty_chunks=False,
-                             attention_impl="auto", num_sampler_layers=1, sampler_stride=2, sampler_heads=2))
-        tc.model.tiny.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=2, vision_hidden_size=16, vision_intermediate_size=32,
-                                  vision_layers=3, vision_heads=2, image_size=16, patch_size=4))
-        tc.update_from_flattened_dict(kw)
-    return tc
+    from fusion_jax.data.testing import path_train_config
+    return path_train_config(path, imgdir, tok, **{"total_steps": 4, "checkpoint_every": 2, "keep_checkpoints": 2,
+                                                    "tensorboard": True, **kw})
 
 
 def test_training_checkpoint_resume_and_convert_on_a_gcs_bucket(gcs, jax_compile_cache, data, tmp_path, monkeypatch,

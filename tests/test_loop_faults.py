@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from fusion_jax.train import loop, presets
+from fusion_jax.train import loop
 from fusion_jax.train.metrics import TrainingError, cut_torn_tail, read_metrics
 
 
@@ -24,22 +24,8 @@ def data(tmp_path_factory):
 
 
 def _tc(data, **kw):
-    path, imgdir, tok = data
-    tc = presets.tiny_train_config()
-    with tc.unlocked():
-        del tc["heldout_eval"]  # answers the synthesized held-out split; this data has none
-        tc.vision_warmup.steps = 0
-        tc.data.source = "path"
-        tc.data.path, tc.data.image_folder, tc.data.tokenizer = path, imgdir, tok
-        tc.data.update(dict(max_length=160, seq_buckets=(160,), instruct_buckets=(32,), max_instruct_len=32))
-        tc.update(dict(total_steps=6, global_batch_size=8, log_every=1, checkpoint_every=1, tensorboard=False))
-        tc.model.update(dict(scan_layers=True, linear_2d=False, ce_skip_empty_chunks=False,  # 8 devices
-                             attention_impl="auto", num_sampler_layers=1, sampler_stride=2, sampler_heads=2))
-        tc.model.tiny.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=2, vision_hidden_size=16, vision_intermediate_size=32,
-                                  vision_layers=3, vision_heads=2, image_size=16, patch_size=4))
-        tc.update_from_flattened_dict(kw)
-    return tc
+    from fusion_jax.data.testing import path_train_config
+    return path_train_config(*data, **{"total_steps": 6, "checkpoint_every": 1, "tensorboard": False, **kw})
 
 
 class _NaNAt:

@@ -80,3 +80,23 @@ def write_dataset(root: str, n: int = 16, *, size: int = 64, bad: bool = False) 
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return path, imgdir
+
+
+def path_train_config(path: str, image_folder: str, tokenizer: str, **overrides):
+    """The tiny preset reading a `write_dataset` folder, shrunk to train in seconds on a mesh of CPU
+    devices (the single-device CPU choices off); `overrides`: flattened keys ("data.max_length": 96)."""
+    from fusion_jax.train.presets import tiny_train_config
+    tc = tiny_train_config()
+    with tc.unlocked():
+        del tc["heldout_eval"]   # answers the synthesized held-out split; this data has none
+        tc.vision_warmup.steps = 0
+        tc.data.update(dict(source="path", path=path, image_folder=image_folder, tokenizer=tokenizer,
+                            max_length=160, seq_buckets=(160,), instruct_buckets=(32,), max_instruct_len=32))
+        tc.update(dict(global_batch_size=8, log_every=1))
+        tc.model.update(dict(scan_layers=True, linear_2d=False, ce_skip_empty_chunks=False, attention_impl="auto",
+                             num_sampler_layers=1, sampler_stride=2, sampler_heads=2))
+        tc.model.tiny.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  vision_hidden_size=16, vision_intermediate_size=32, vision_layers=3,
+                                  vision_heads=2, image_size=16, patch_size=4))
+        tc.update_from_flattened_dict(overrides)
+    return tc
