@@ -193,8 +193,9 @@ def test_nonfinite_loss_keeps_state(single):
 def test_host_offloaded_update_equals_the_update_in_device_memory():
     """optim.host_offload on: the update streamed one parameter at a time (train.streamed) gives the
     parameters and optimizer state of the whole-tree update, bit for bit, through frozen parameters,
-    gradient accumulation and a non-finite step (kept state). On one device XLA:CPU may fuse the
-    whole-tree update differently (1 ulp); this 2-device mesh shows the arithmetic is the same."""
+    gradient accumulation and a non-finite step (kept state). The arithmetic is the same; XLA:CPU's
+    code for a fused elementwise update can round an element 1 ulp apart from one program to another
+    (on one device here, as eager against jitted optax does), so the mesh is the 2-device one."""
     batches = [_batch(seed=i) for i in range(3)]
     batches[1]["images"][0, 4, 0, 0, 0] = np.nan
     out = []
