@@ -53,7 +53,7 @@ def streamed_update(tx, grads, opt_state, params, frozen, finite, opt_sharding):
     if isinstance(tx, Clipped):   # the one cross-leaf transform: once, on the whole gradient
         grads, _ = tx.clip.update(grads, tx.clip.init(params))
         inner_new, params = _per_parameter(tx.inner, grads, opt_state[1], params, frozen, finite, opt_sharding[1])
-        return params, (opt_state[0],) + (inner_new,) + tuple(opt_state[2:])
+        return params, (opt_state[0], inner_new, *opt_state[2:])
     new_state, params = _per_parameter(tx, grads, opt_state, params, frozen, finite, opt_sharding)
     return params, new_state
 
@@ -77,7 +77,7 @@ def _per_parameter(tx, grads, state, params, frozen, finite, state_sharding):
             continue
         mine = [j for j in range(len(s_leaves)) if owner[j] == k]
         token, host_in = jax.lax.optimization_barrier((token, [s_leaves[j] for j in mine]))
-        dev = dict(zip(mine, (_to(x, shard[j], "device") for j, x in zip(mine, host_in, strict=True)), strict=True))
+        dev = {j: _to(x, shard[j], "device") for j, x in zip(mine, host_in, strict=True)}
 
         def pick(i, leaves, k=k):
             return leaves[i] if i == k else _empty(leaves[i], p_leaves[i])
