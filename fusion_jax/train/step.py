@@ -55,18 +55,25 @@ def _names(path) -> tuple:
     return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
+def mirrored(path, table: dict, ok=lambda value: True):
+    """`table[p]` (keyed by parameter paths) for the parameter p an optimizer-state leaf at `path`
+    mirrors (Adam's mu/nu: p's path ends the leaf's) where `ok(table[p])`, else None."""
+    names = _names(path)
+    for i in range(len(names)):
+        value = table.get(names[i:])
+        if value is not None and ok(value):
+            return value
+    return None
+
+
 def opt_state_shardings(abstract_opt_state, params_sharding: dict, mesh):
     """Optimizer leaves that mirror a parameter (Adam mu/nu) take its sharding; the rest replicate."""
     table = {_names(p): s for p, s in jax.tree_util.tree_flatten_with_path(params_sharding)[0]}
     rep = NamedSharding(mesh, PartitionSpec())
 
     def one(path, leaf):
-        names = _names(path)
-        for i in range(len(names)):
-            s = table.get(names[i:])
-            if s is not None and len(s.spec) <= len(getattr(leaf, "shape", ())):
-                return s
-        return rep
+        s = mirrored(path, table, lambda s: len(s.spec) <= len(getattr(leaf, "shape", ())))
+        return rep if s is None else s
 
     return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
 

@@ -18,23 +18,12 @@ import jax
 import jax.numpy as jnp
 
 
-def _names(path) -> tuple:
-    return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
-
-
-def _owners(state_paths, state_leaves, param_paths, param_leaves) -> list:
+def _owners(state_flat, params_flat) -> list:
     """For each state leaf, the index of the parameter it mirrors (same path suffix and shape), or None."""
-    index = {p: i for i, p in enumerate(param_paths)}
-    out = []
-    for path, leaf in zip(state_paths, state_leaves, strict=True):
-        names, hit = _names(path), None
-        for i in range(len(names)):
-            k = index.get(names[i:])
-            if k is not None and getattr(leaf, "shape", None) == getattr(param_leaves[k], "shape", ()):
-                hit = k
-                break
-        out.append(hit)
-    return out
+    from fusion_jax.train.step import _names, mirrored
+    index = {_names(p): i for i, (p, _) in enumerate(params_flat)}
+    return [mirrored(path, index, lambda k, leaf=leaf: jnp.shape(leaf) == jnp.shape(params_flat[k][1]))
+            for path, leaf in state_flat]
 
 
 def _empty(x, like):
@@ -60,13 +49,13 @@ def streamed_update(tx, grads, opt_state, params, frozen, finite, opt_sharding):
 
 def _per_parameter(tx, grads, state, params, frozen, finite, state_sharding):
     p_flat, p_def = jax.tree_util.tree_flatten_with_path(params)
-    p_paths, p_leaves = [_names(p) for p, _ in p_flat], [x for _, x in p_flat]
+    p_leaves = [x for _, x in p_flat]
     g_leaves = p_def.flatten_up_to(grads)
     f_leaves = p_def.flatten_up_to(frozen)
     s_flat, s_def = jax.tree_util.tree_flatten_with_path(state)
     s_leaves = [x for _, x in s_flat]
     shard = s_def.flatten_up_to(state_sharding)
-    owner = _owners([p for p, _ in s_flat], s_leaves, p_paths, p_leaves)
+    owner = _owners(s_flat, p_flat)
 
     # the state leaves no parameter owns (step counts): on device for every call, updated once
     shared = {j: _to(x, shard[j], "device") for j, x in enumerate(s_leaves) if owner[j] is None}
