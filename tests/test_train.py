@@ -213,6 +213,18 @@ def test_host_offloaded_update_equals_the_update_in_device_memory():
         assert np.array_equal(a, b), jax.tree_util.keystr(path)
 
 
+def test_streamed_update_names_state_it_cannot_split():
+    """An optimizer whose state has an array that mirrors no parameter cannot be streamed: a clear error."""
+    import optax
+
+    from fusion_jax.train.streamed import streamed_update
+    params = {"w": jnp.ones((2, 3))}
+    tx = optax.GradientTransformation(lambda p: {"ema": jnp.zeros((4,))}, lambda g, s, p=None: (g, s))
+    rep = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with pytest.raises(ValueError, match=r"optim\.host_offload.*\['ema'\]"):
+        streamed_update(tx, params, tx.init(params), params, {"w": False}, jnp.bool_(True), {"ema": rep})
+
+
 def test_config_errors_name_the_key():
     with pytest.raises(ValueError, match=r"config\.log_every"):
         loop.validate(_tc(log_every=0))

@@ -56,6 +56,10 @@ def _per_parameter(tx, grads, state, params, frozen, finite, state_sharding):
     s_leaves = [x for _, x in s_flat]
     shard = s_def.flatten_up_to(state_sharding)
     owner = _owners(s_flat, p_flat)
+    stray = [jax.tree_util.keystr(p) for (p, x), o in zip(s_flat, owner, strict=True) if o is None and jnp.ndim(x)]
+    if stray:   # it would reach every per-parameter call whole; only scalars (counts) may
+        raise ValueError(f"optim.host_offload: optimizer state {stray[:3]} mirrors no parameter (by path and "
+                         f"shape), so the update cannot be streamed; set optim.host_offload=off")
 
     # the state leaves no parameter owns (step counts): on device for every call, updated once
     shared = {j: _to(x, shard[j], "device") for j, x in enumerate(s_leaves) if owner[j] is None}
